@@ -1,0 +1,134 @@
+"""``sfv-world quality [checkpoint]``: open-loop prediction quality on held-out episodes.
+
+From k real context frames, the logged actions are replayed for H steps with the configured sampler
+(block Jacobi by default). Reported per horizon step: PSNR of the model and of the copy-last-frame
+baseline; per frame position: held-out NLL in bits/dim (teacher-forced); and reward/termination F1
+(teacher-forced, every held-out transition). Written to ``quality.output`` (JSON) plus a markdown table
+beside it, and to ``<run_dir>/quality.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from sfv_world.autoencoder import IdentityCodec
+from sfv_world.checkpoint import load_world_model
+from sfv_world.datasets import ClipDataset, DatasetReader
+from sfv_world.model import nll_to_bits_per_dim
+from sfv_world.quality import open_loop_rollout, psnr, side_by_side_gif, to_hwc_uint8
+from sfv_world.train import binary_f1, resolve_device, reward_sign_f1
+
+
+def evenly_spaced(n_items: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n_items) (all of them when k >= n_items)."""
+    if k >= n_items:
+        return list(range(n_items))
+    return np.linspace(0, n_items - 1, k).round().astype(int).tolist()
+
+
+@torch.no_grad()
+def evaluate_quality(cfg: DictConfig) -> dict:
+    q = cfg.quality
+    device = resolve_device(cfg.device)
+    model, payload = load_world_model(cfg.checkpoint, device=device)
+    mcfg = model.config
+    dataset_path = cfg.dataset if cfg.get("dataset") else payload["dataset"]["path"]
+    reader = DatasetReader(dataset_path)
+    test_ids = payload["dataset"]["splits"]["test"]
+    if not test_ids:
+        raise ValueError(f"checkpoint {cfg.checkpoint}: its dataset split has no test episodes")
+    T = int(q.context) + int(q.horizon)
+    clips = ClipDataset(reader, test_ids, clip_len=T, frame_size=mcfg.frame_size, pad_start=False)
+    if len(clips) == 0:
+        raise ValueError(f"no test episode of {dataset_path} has {T} frames (context {q.context} + horizon {q.horizon})")
+    idx = evenly_spaced(len(clips), int(q.max_windows))
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    codec = IdentityCodec()
+    gen = torch.Generator().manual_seed(int(q.seed))
+
+    psnr_model, psnr_copy, nll_rows = [], [], []
+    term_pred, term_true, rew_pred, rew_true = [], [], [], []
+    gif_done = False
+    t0 = time.time()
+    for start in tqdm(range(0, len(idx), int(q.batch_size)), desc="quality", unit="batch"):
+        items = [clips[j] for j in idx[start : start + int(q.batch_size)]]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        real, dream = open_loop_rollout(model, batch, int(q.context), sampler, device=device, seed=int(q.seed) + start)
+        last_ctx = to_hwc_uint8(batch["frames"][:, int(q.context) - 1])  # [B,H,W,C]
+        psnr_model.append(psnr(dream, real))  # [B,H]
+        psnr_copy.append(psnr(np.broadcast_to(last_ctx[:, None], real.shape), real))
+        if not gif_done:
+            side_by_side_gif(real[0], dream[0], Path(cfg.run_dir) / "report" / "quality_rollout.gif")
+            gif_done = True
+        # teacher-forced likelihood and heads on the same windows
+        frames = batch["frames"].to(device)
+        x = codec.encode(frames)
+        x_tilde = x + mcfg.sigma * torch.randn(x.shape, generator=gen).to(device)
+        out = model.flow(x_tilde, batch["actions"].to(device))
+        nll_rows.append(nll_to_bits_per_dim(out.nll, mcfg).cpu().numpy())  # [B,T]
+        term_pred.append((out.termination_logit > 0).cpu().numpy().ravel())
+        term_true.append(batch["terminations"].numpy().ravel())
+        rew_pred.append(model.flow.reward_value(out.reward).cpu().numpy().ravel())
+        rew_true.append(batch["rewards"].numpy().ravel())
+    elapsed = time.time() - t0
+
+    pm, pc = np.concatenate(psnr_model), np.concatenate(psnr_copy)
+    tp, tt = np.concatenate(term_pred), np.concatenate(term_true)
+    rp, rt = np.concatenate(rew_pred), np.concatenate(rew_true)
+    result = {
+        "checkpoint": str(cfg.checkpoint),
+        "dataset": str(dataset_path),
+        "test_episodes": len(test_ids),
+        "windows": int(pm.shape[0]),
+        "context": int(q.context),
+        "horizon": int(q.horizon),
+        "sampler": sampler,
+        "psnr_model": pm.mean(0).round(3).tolist(),
+        "psnr_copy_last": pc.mean(0).round(3).tolist(),
+        "beats_copy_last_at_every_step": bool(np.all(pm.mean(0) > pc.mean(0))),
+        "nll_bpd_per_position": np.concatenate(nll_rows).mean(0).round(4).tolist(),
+        "termination_f1": round(binary_f1(tp, tt), 4),
+        "termination_positives": int(tt.sum()),
+        "reward_mae": round(float(np.mean(np.abs(rp - rt))), 5),
+        "reward_sign_f1": round(reward_sign_f1(rp, rt), 4),
+        "train_step": int(payload["step"]),
+        "eval_seconds": round(elapsed, 1),
+    }
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        f"Open-loop prediction on {result['windows']} held-out windows ({result['test_episodes']} test episodes), "
+        f"{result['context']} context frames, sampler `{result['sampler']['method']}`.",
+        "",
+        "| horizon step | PSNR model (dB) | PSNR copy-last (dB) |",
+        "|---|---|---|",
+    ]
+    for h, (m, c) in enumerate(zip(result["psnr_model"], result["psnr_copy_last"]), start=1):
+        lines.append(f"| {h} | {m:.2f} | {c:.2f} |")
+    lines += [
+        "",
+        f"Termination F1 {result['termination_f1']:.3f} ({result['termination_positives']} positives); "
+        f"reward MAE {result['reward_mae']:.4f}; held-out NLL per position (bits/dim): "
+        + ", ".join(f"{v:.3f}" for v in result["nll_bpd_per_position"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DictConfig) -> dict:
+    result = evaluate_quality(cfg)
+    text = json.dumps(result, indent=1)
+    for path in {Path(cfg.quality.output), Path(cfg.run_dir) / "quality.json"}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.with_suffix(".md").write_text(markdown_table(result))
+    print(markdown_table(result))
+    return result

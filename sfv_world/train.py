@@ -1,0 +1,524 @@
+"""Training STARFlow-V, its flow-score-matching denoiser and the reward/termination heads.
+
+One optimisation step (STARFLOW_V.md sections 3-4):
+
+    x       = frames / 127.5 - 1                       [B, T, C, H, W] float32 in [-1, 1]
+    x_tilde = x + sigma * eps        (requires grad)   noise augmentation
+    out     = flow(x_tilde, actions, drop_actions)     exact NLL per frame + heads on detached features
+    (flow_loss + head_weight * head_loss).backward()   AdamW(0.9, 0.95) on flow + heads
+    g       = score_target(x_tilde.grad)               sigma * grad NLL, no gradient into the flow
+    flow_score_matching_loss(denoiser, x_tilde, g)     its own AdamW
+
+with warm-up then cosine learning rates, gradient clipping, skipping of NaN losses and exploding steps,
+bf16 autocast on CUDA (the affine math stays fp32 inside the model), and exact resume from atomic
+checkpoints (model, both optimisers, schedulers, RNG states, data position). Multi-process training uses
+torch DDP under ``torchrun`` with a DistributedSampler; rank 0 alone logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from sfv_world.autoencoder import IdentityCodec
+from sfv_world.checkpoint import (
+    CheckpointError,
+    check_model_config,
+    load_checkpoint,
+    save_checkpoint,
+    CHECKPOINT_FORMAT,
+)
+from sfv_world.datasets import ClipDataset, DatasetReader, split_episodes
+from sfv_world.denoiser import flow_score_matching_loss, score_target
+from sfv_world.model import StarFlowVConfig, WorldModel, nll_to_bits_per_dim
+
+# ----------------------------------------------------------------------------------------------
+# config helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; under torchrun each rank takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def action_spec(action_space) -> tuple[str, int]:
+    """(action_kind, action_dim) of a gymnasium Discrete or 1-D Box space."""
+    from gymnasium import spaces
+
+    if isinstance(action_space, spaces.Discrete):
+        return "discrete", int(action_space.n)
+    if isinstance(action_space, spaces.Box) and len(action_space.shape) == 1:
+        return "box", int(action_space.shape[0])
+    raise ValueError(f"unsupported action space {action_space}: sfv-world models Discrete or 1-D Box actions")
+
+
+def model_config_for(cfg: DictConfig, reader: DatasetReader) -> StarFlowVConfig:
+    """The model config of a run: ``cfg.model`` plus the dataset's action space."""
+    kind, dim = action_spec(reader.action_space)
+    stored = reader.frame_shape  # (H, W, C)
+    if cfg.model.frame_size > stored[0]:
+        raise ValueError(
+            f"model.frame_size={cfg.model.frame_size} exceeds the frame size {stored[0]} stored in {reader.path}"
+        )
+    if cfg.model.channels != stored[2]:
+        raise ValueError(f"model.channels={cfg.model.channels} but {reader.path} stores {stored[2]} channels")
+    return StarFlowVConfig.from_dict({**OmegaConf.to_container(cfg.model, resolve=True), "action_kind": kind, "action_dim": dim})
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 down to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# resumable data order
+
+
+class ResumableSampler(Sampler[int]):
+    """DistributedSampler order (per-epoch shuffle, sharded by rank) that can start mid-epoch.
+
+    ``position`` counts the samples of the current epoch this rank has already consumed.
+    """
+
+    def __init__(self, dataset, seed: int, rank: int, world_size: int):
+        self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.position
+
+    def __iter__(self) -> Iterator[int]:
+        self.inner.set_epoch(self.epoch)
+        order = list(iter(self.inner))
+        yield from order[self.position:]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def batches_forever(loader: DataLoader, sampler: ResumableSampler, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches across epochs, keeping ``sampler.position`` equal to what has been consumed."""
+    while True:
+        for batch in loader:
+            sampler.position += batch_size
+            yield batch
+        sampler.epoch, sampler.position = sampler.epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def binary_f1(pred: np.ndarray, target: np.ndarray) -> float:
+    """F1 of boolean predictions; 1.0 when there are no positives and none predicted."""
+    pred, target = pred.astype(bool), target.astype(bool)
+    tp = float(np.sum(pred & target))
+    fp = float(np.sum(pred & ~target))
+    fn = float(np.sum(~pred & target))
+    if tp + fp + fn == 0:
+        return 1.0
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def reward_sign_f1(pred_reward: np.ndarray, target: np.ndarray) -> float:
+    """Macro F1 over the reward-sign classes {-1, 0, +1} present in the targets."""
+    ps, ts = np.sign(np.round(pred_reward)), np.sign(target)
+    classes = np.unique(ts)
+    return float(np.mean([binary_f1(ps == c, ts == c) for c in classes])) if len(classes) else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass
+class StepResult:
+    loss: float
+    flow_loss: float
+    head_loss: float
+    denoiser_loss: float
+    grad_norm: float
+    skipped: bool
+    metrics: dict[str, float]
+
+
+class Trainer:
+    """Trains one WorldModel on one dataset; the run folder is ``cfg.run_dir``.
+
+    Layout of the run folder:
+        config.yaml            resolved config
+        checkpoints/last.pt    latest checkpoint (atomic)
+        train/metrics.csv      one row per logged step; eval rows too
+        train/tb/              tensorboard events
+        samples/step_*.gif     real | dream | |difference| at each evaluation
+    """
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.tcfg = cfg.train
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = resolve_device(cfg.device)
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        seed_everything(int(cfg.seed) + self.rank)
+
+        # data
+        self.reader = DatasetReader(cfg.dataset)
+        self.splits = split_episodes(
+            self.reader.episode_ids, self.tcfg.val_fraction, self.tcfg.test_fraction, seed=int(cfg.seed)
+        )
+        self.model_config = model_config_for(cfg, self.reader)
+        clip_kwargs = dict(
+            clip_len=int(self.tcfg.clip_len),
+            frame_size=self.model_config.frame_size,
+            pad_start=bool(self.tcfg.pad_start),
+            memory_budget_gb=float(self.tcfg.memory_budget_gb),
+        )
+        self.train_set = ClipDataset(self.reader, self.splits["train"], **clip_kwargs)
+        self.val_set = ClipDataset(self.reader, self.splits["val"], **clip_kwargs) if self.splits["val"] else None
+        if len(self.train_set) < self.tcfg.batch_size * self.world_size:
+            raise ValueError(
+                f"dataset {cfg.dataset}: only {len(self.train_set)} training windows of {self.tcfg.clip_len} frames, "
+                f"fewer than one batch ({self.tcfg.batch_size} x {self.world_size} ranks); collect more episodes"
+            )
+        self.sampler = ResumableSampler(self.train_set, seed=int(cfg.seed), rank=self.rank, world_size=self.world_size)
+
+        # model and optimisers
+        self.codec = IdentityCodec()
+        self.model = WorldModel(self.model_config).to(self.device)
+        betas = tuple(self.tcfg.betas)
+        self.flow_opt = torch.optim.AdamW(
+            self.model.flow_parameters(), lr=self.tcfg.lr, betas=betas, weight_decay=self.tcfg.weight_decay
+        )
+        self.den_opt = torch.optim.AdamW(
+            self.model.denoiser_parameters(), lr=self.tcfg.denoiser_lr, weight_decay=self.tcfg.weight_decay
+        )
+        total = int(self.tcfg.steps)
+        warm = int(self.tcfg.warmup_steps)
+        self.flow_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.flow_opt, lambda s: lr_lambda(s, warm, total, self.tcfg.min_lr / self.tcfg.lr)
+        )
+        self.den_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.den_opt, lambda s: lr_lambda(s, warm, total, self.tcfg.min_lr / self.tcfg.denoiser_lr)
+        )
+        self.flow_net: torch.nn.Module = self.model.flow
+        self.denoiser_net: torch.nn.Module = self.model.denoiser
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.flow_net = DDP(self.model.flow, device_ids=ids)
+            self.denoiser_net = DDP(self.model.denoiser, device_ids=ids)
+        self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.step = 0
+        self.skipped_steps = 0
+
+        if self.tcfg.resume:
+            self.resume()
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "format_version": CHECKPOINT_FORMAT,
+            "model_config": self.model_config.to_dict(),
+            "model": self.model.state_dict(),
+            "dataset": {**self.reader.metadata, "path": str(self.reader.path), "splits": self.splits},
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "step": self.step,
+            "calibration": None,
+            "train": {
+                "flow_opt": self.flow_opt.state_dict(),
+                "den_opt": self.den_opt.state_dict(),
+                "flow_sched": self.flow_sched.state_dict(),
+                "den_sched": self.den_sched.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "rng": rng_state(),
+                "skipped_steps": self.skipped_steps,
+            },
+        }
+
+    def save(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.ckpt_path, self.payload())
+        if self.distributed:
+            dist.barrier()
+
+    def resume(self) -> None:
+        """Continue exactly from ``checkpoints/last.pt`` (a fresh run when none exists yet)."""
+        if not self.ckpt_path.exists():
+            if self.is_main:
+                print(f"train.resume=true but {self.ckpt_path} does not exist yet: starting fresh")
+            return
+        payload = load_checkpoint(self.ckpt_path, map_location=self.device)
+        check_model_config(self.ckpt_path, payload["model_config"], self.model_config.to_dict())
+        self.model.load_state_dict(payload["model"])
+        train = payload.get("train")
+        if not train:
+            raise CheckpointError(f"checkpoint {self.ckpt_path} holds no training state; it cannot be resumed")
+        self.flow_opt.load_state_dict(train["flow_opt"])
+        self.den_opt.load_state_dict(train["den_opt"])
+        self.flow_sched.load_state_dict(train["flow_sched"])
+        self.den_sched.load_state_dict(train["den_sched"])
+        self.sampler.load_state_dict(train["sampler"])
+        set_rng_state(train["rng"])
+        self.skipped_steps = int(train.get("skipped_steps", 0))
+        self.step = int(payload["step"])
+        if self.is_main:
+            print(f"resumed from {self.ckpt_path} at step {self.step}")
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
+        """One optimisation step of flow + heads, then one of the denoiser."""
+        cfg, tcfg = self.model_config, self.tcfg
+        batch = self.to_device(batch)
+        x = self.codec.encode(batch["frames"])  # [B,T,C,H,W] float in [-1,1]
+        mask = batch["mask"]  # [B,T] bool
+        x_tilde = (x + cfg.sigma * torch.randn_like(x)).requires_grad_(True)
+        drop = torch.rand(x.shape[0], device=self.device) < cfg.cond_drop  # CFG condition dropout
+
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.flow_net(x_tilde, batch["actions"], drop_actions=drop, frame_mask=mask)
+        flow_loss = self.model.flow.flow_loss(out, frame_mask=mask)
+        head_loss, head_metrics = self.model.flow.head_loss(out, batch["rewards"], batch["terminations"], mask)
+        loss = flow_loss + tcfg.head_weight * head_loss
+
+        self.flow_opt.zero_grad(set_to_none=True)
+        self.den_opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.skipped_steps += 1
+            return StepResult(float("nan"), float(flow_loss), float(head_loss), float("nan"), float("nan"), True, head_metrics)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.flow_parameters(), tcfg.grad_clip))
+        exploding = self.step >= tcfg.grad_skip_after and grad_norm > tcfg.grad_skip_threshold
+        skipped = exploding or not math.isfinite(grad_norm)
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.flow_opt.step()
+
+        # flow score matching: target from the same backward pass, detached from the flow
+        g = score_target(x_tilde.grad.detach(), cfg.sigma, x_tilde.grad.numel())
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            den_loss = flow_score_matching_loss(self.denoiser_net, x_tilde.detach(), g, batch["actions"], drop_actions=drop)
+        den_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.denoiser_parameters(), tcfg.grad_clip)
+        self.den_opt.step()
+        self.flow_sched.step()
+        self.den_sched.step()
+        return StepResult(
+            loss=float(loss), flow_loss=float(flow_loss), head_loss=float(head_loss), denoiser_loss=float(den_loss),
+            grad_norm=grad_norm, skipped=skipped, metrics=head_metrics,
+        )
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation NLL (bits/dim per frame position) and reward/termination F1 on held-out clips."""
+        if self.val_set is None or len(self.val_set) == 0:
+            return {}
+        self.model.eval()
+        cfg = self.model_config
+        gen = torch.Generator().manual_seed(1234)  # fixed validation windows and noise
+        n = min(len(self.val_set), int(self.tcfg.eval_batches) * int(self.tcfg.batch_size))
+        idx = torch.randperm(len(self.val_set), generator=gen)[:n].tolist()
+        nll_sum, count = None, None
+        term_pred, term_true, rew_pred, rew_true = [], [], [], []
+        for i in range(0, n, int(self.tcfg.batch_size)):
+            items = [self.val_set[j] for j in idx[i : i + int(self.tcfg.batch_size)]]
+            batch = self.to_device({k: torch.stack([it[k] for it in items]) for k in items[0]})
+            x = self.codec.encode(batch["frames"])
+            noise = torch.randn(x.shape, generator=gen).to(self.device)
+            out = self.model.flow(x + cfg.sigma * noise, batch["actions"], frame_mask=batch["mask"])
+            bpd = nll_to_bits_per_dim(out.nll, cfg)  # [B,T]
+            m = batch["mask"].float()
+            nll_sum = (bpd * m).sum(0) if nll_sum is None else nll_sum + (bpd * m).sum(0)
+            count = m.sum(0) if count is None else count + m.sum(0)
+            valid = (batch["mask"][:, :-1] & batch["mask"][:, 1:]).cpu().numpy()
+            term_pred.append((out.termination_logit > 0).cpu().numpy()[valid])
+            term_true.append(batch["terminations"].cpu().numpy()[valid])
+            rew_pred.append(self.model.flow.reward_value(out.reward).cpu().numpy()[valid])
+            rew_true.append(batch["rewards"].cpu().numpy()[valid])
+        per_pos = (nll_sum / count.clamp(min=1)).cpu().numpy()
+        metrics = {f"val/bpd_t{t}": float(v) for t, v in enumerate(per_pos)}
+        metrics["val/bpd"] = float(per_pos.mean())
+        tp, tt = np.concatenate(term_pred), np.concatenate(term_true)
+        metrics["val/termination_f1"] = binary_f1(tp, tt)
+        rp, rt = np.concatenate(rew_pred), np.concatenate(rew_true)
+        metrics["val/reward_mae"] = float(np.mean(np.abs(rp - rt)))
+        metrics["val/reward_sign_f1"] = reward_sign_f1(rp, rt)
+        return metrics
+
+    def write_sample_gif(self) -> Path | None:
+        """Real | dream | |difference| GIF: 2 real context frames, then the logged actions replayed."""
+        if self.val_set is None or len(self.val_set) == 0 or not self.tcfg.sample_gif:
+            return None
+        from sfv_world.quality import open_loop_rollout, side_by_side_gif
+
+        item = self.val_set[0]
+        batch = {k: v.unsqueeze(0) for k, v in item.items()}
+        sampler = OmegaConf.to_container(self.cfg.sampler, resolve=True)
+        real, dream = open_loop_rollout(self.model, batch, context=2, sampler=sampler, device=self.device, seed=0)
+        path = self.run_dir / "samples" / f"step_{self.step:06d}.gif"
+        side_by_side_gif(real[0], dream[0], path)
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        tcfg = self.tcfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        loader = DataLoader(
+            self.train_set, batch_size=int(tcfg.batch_size), sampler=self.sampler, drop_last=True,
+            num_workers=int(tcfg.num_workers), persistent_workers=False,
+        )
+        batches = batches_forever(loader, self.sampler, int(tcfg.batch_size))
+        logger = RunLogger(self.run_dir / "train") if self.is_main else None
+        total = int(tcfg.steps)
+        deadline = time.time() + 60 * float(tcfg.max_minutes) if tcfg.max_minutes else None
+        frames_per_step = int(tcfg.batch_size) * int(tcfg.clip_len) * self.world_size
+        bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.is_main, dynamic_ncols=True)
+        last: dict[str, float] = {}
+        t0, steps0 = time.time(), self.step
+        try:
+            while self.step < total:
+                result = self.train_step(next(batches))
+                self.step += 1
+                bar.update(1)
+                if self.step % int(tcfg.log_every) == 0 or self.step == total:
+                    fps = frames_per_step * (self.step - steps0) / max(1e-9, time.time() - t0)
+                    last = {
+                        "loss": result.loss, "flow_loss": result.flow_loss, "head_loss": result.head_loss,
+                        "denoiser_loss": result.denoiser_loss, "grad_norm": result.grad_norm,
+                        "lr": self.flow_sched.get_last_lr()[0], "frames_per_s": fps,
+                        "skipped_steps": self.skipped_steps, **result.metrics,
+                    }
+                    bar.set_postfix(loss=f"{result.loss:.4f}", den=f"{result.denoiser_loss:.3f}", fps=f"{fps:.0f}")
+                    if logger:
+                        logger.log(self.step, {f"train/{k}": v for k, v in last.items()})
+                if self.step % int(tcfg.eval_every) == 0 or self.step == total:
+                    if self.is_main:
+                        ev = self.evaluate()
+                        if logger and ev:
+                            logger.log(self.step, ev)
+                        self.write_sample_gif()
+                        last.update(ev)
+                if self.step % int(tcfg.checkpoint_every) == 0:
+                    self.save()
+                if tcfg.stop_after is not None and self.step >= int(tcfg.stop_after):
+                    break
+                if deadline is not None and time.time() > deadline:
+                    if self.is_main:
+                        tqdm.write(f"train.max_minutes={tcfg.max_minutes} reached at step {self.step}; stopping")
+                    break
+        finally:
+            bar.close()
+        self.save()
+        if logger:
+            logger.close()
+        return last
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RunLogger:
+    """Append-only CSV (one row per ``log`` call, long format: step, key, value) plus tensorboard."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.csv_path = folder / "metrics.csv"
+        new = not self.csv_path.exists()
+        self.csv_file = open(self.csv_path, "a", newline="")
+        self.csv = csv.writer(self.csv_file)
+        if new:
+            self.csv.writerow(["step", "key", "value", "time"])
+        self.tb = SummaryWriter(str(folder / "tb"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        for k, v in values.items():
+            self.csv.writerow([step, k, v, now])
+            self.tb.add_scalar(k, v, step)
+        self.csv_file.flush()
+
+    def close(self) -> None:
+        self.csv_file.close()
+        self.tb.close()
+
+
+def read_metrics(csv_path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Load a run's metrics.csv as {key: [(step, value), ...]} (later rows win for repeated steps)."""
+    series: dict[str, dict[int, float]] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            series.setdefault(row["key"], {})[int(row["step"])] = float(row["value"])
+    return {k: sorted(v.items()) for k, v in series.items()}

@@ -1,0 +1,156 @@
+"""Training: loss goes down, exact resume, a killed run resumes, mismatched checkpoints, 2-process DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfv_world.apps.cli import compose
+from sfv_world.checkpoint import CheckpointError, load_checkpoint
+from sfv_world.train import Trainer, lr_lambda, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cartpole16(tmp_path_factory) -> Path:
+    """A real CartPole-pixels dataset at 16x16 (random policy), collected through the CLI path."""
+    from sfv_world.apps import collect
+
+    path = tmp_path_factory.mktemp("data") / "cartpole16"
+    collect.run(compose(["env=cartpole", "collect.episodes=24", "collect.frame_size=16", f"dataset={path}", "seed=0"]))
+    return path
+
+
+def tiny_overrides(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["preset=tiny", "device=cpu", f"dataset={dataset}", f"run_dir={run_dir}", "train.log_every=1", *extra]
+
+
+def run_trainer(overrides: list[str]) -> Trainer:
+    trainer = Trainer(compose(overrides))
+    trainer.fit()
+    return trainer
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    return dict(read_metrics(run_dir / "train" / "metrics.csv")[key])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_lambda(0, 10, 100, 0.01) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100, 0.01) == pytest.approx(1.0)
+    assert lr_lambda(100, 10, 100, 0.01) == pytest.approx(0.01)
+    mid = lr_lambda(55, 10, 100, 0.01)
+    assert 0.01 < mid < 1.0
+
+
+def test_tiny_training_loss_goes_down(cartpole16, tmp_path):
+    trainer = run_trainer(tiny_overrides(cartpole16, tmp_path, "train.steps=60", "train.eval_every=60"))
+    curve = losses(tmp_path)
+    steps = sorted(curve)
+    assert steps[0] == 1 and steps[-1] == 60
+    first = sum(curve[s] for s in steps[:5]) / 5
+    last = sum(curve[s] for s in steps[-5:]) / 5
+    assert last < first - 0.05, f"flow loss did not go down: first {first:.4f}, last {last:.4f}"
+    den = losses(tmp_path, "train/denoiser_loss")
+    assert all(torch.isfinite(torch.tensor(v)) for v in den.values())
+    # the run folder is self-contained
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert any((tmp_path / "train" / "tb").iterdir())
+    metrics = read_metrics(tmp_path / "train" / "metrics.csv")
+    assert "val/bpd" in metrics and "val/termination_f1" in metrics
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == trainer.step == 60
+
+
+def test_exact_resume_matches_uninterrupted_run(cartpole16, tmp_path):
+    common = ["train.steps=8", "train.checkpoint_every=4", "train.eval_every=100"]
+    run_trainer(tiny_overrides(cartpole16, tmp_path / "straight", *common))
+    run_trainer(tiny_overrides(cartpole16, tmp_path / "paused", *common, "train.stop_after=4"))
+    assert load_checkpoint(tmp_path / "paused" / "checkpoints" / "last.pt")["step"] == 4
+    run_trainer(tiny_overrides(cartpole16, tmp_path / "paused", *common, "train.resume=true"))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "paused")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), f"step {step} differs after resume"
+    den_s, den_r = losses(tmp_path / "straight", "train/denoiser_loss"), losses(tmp_path / "paused", "train/denoiser_loss")
+    assert den_r[5] == pytest.approx(den_s[5], rel=1e-6, abs=1e-7)
+
+
+def test_killed_training_resumes(cartpole16, tmp_path):
+    """SIGKILL a real training process after its second checkpoint; at most one interval is lost."""
+    every = 10
+    args = tiny_overrides(cartpole16, tmp_path, "train.steps=60", f"train.checkpoint_every={every}", "train.eval_every=1000")
+    proc = subprocess.Popen([sys.executable, "-m", "sfv_world.apps.train", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if ckpt.exists() and load_checkpoint(ckpt)["step"] >= 2 * every:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            pytest.fail("no second checkpoint within 240 s")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    saved = load_checkpoint(ckpt)["step"]
+    logged = max(losses(tmp_path))
+    assert saved % every == 0 and saved >= 2 * every
+    assert logged - saved <= every, f"killed at step {logged}, last checkpoint {saved}: lost more than one interval"
+    assert not [p for p in ckpt.parent.iterdir() if p.name != "last.pt"], "temporary checkpoint files left behind"
+    trainer = run_trainer(args + ["train.resume=true"])
+    assert trainer.step == 60
+    assert load_checkpoint(ckpt)["step"] == 60
+
+
+def test_mismatched_checkpoint_is_a_clear_error(cartpole16, tmp_path):
+    run_trainer(tiny_overrides(cartpole16, tmp_path, "train.steps=4", "train.eval_every=100"))
+    with pytest.raises(CheckpointError, match=r"deep_width: checkpoint=64 config=32"):
+        Trainer(compose(tiny_overrides(cartpole16, tmp_path, "train.resume=true", "model.deep_width=32")))
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_ddp_two_cpu_processes(cartpole16, tmp_path):
+    """torchrun with 2 gloo processes: a decreasing loss like the single-process run, one checkpoint by rank 0."""
+    steps = 40
+    common = [f"train.steps={steps}", "train.eval_every=1000", "train.checkpoint_every=20"]
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    run_trainer(tiny_overrides(cartpole16, single_dir, *common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "sfv_world.apps.train", *tiny_overrides(cartpole16, ddp_dir, *common)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted(p.name for p in (ddp_dir / "checkpoints").iterdir())
+    assert files == ["last.pt"]
+    assert load_checkpoint(ddp_dir / "checkpoints" / "last.pt")["step"] == steps
+    ddp, single = losses(ddp_dir), losses(single_dir)
+    assert sorted(ddp) == list(range(1, steps + 1)), "rank 0 alone must log, once per step"
+
+    def head_tail(curve):
+        s = sorted(curve)
+        return sum(curve[k] for k in s[:5]) / 5, sum(curve[k] for k in s[-5:]) / 5
+
+    (d0, d1), (s0, s1) = head_tail(ddp), head_tail(single)
+    assert d1 < d0 - 0.05 and s1 < s0 - 0.05
+    assert abs(d0 - s0) < 0.05, "both runs start from the same initialisation"
+    assert abs(d1 - s1) < 0.5 * (s0 - s1), f"DDP final loss {d1:.4f} far from single-process {s1:.4f}"
