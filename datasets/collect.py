@@ -1,0 +1,161 @@
+"""Record episodes from any Gymnasium env into an sfv-world dataset.
+
+The env is handed in by the caller (``datasets`` never imports ``sfv_world.envs``). Frames come from
+``env.render()`` (``frame_source="render"``, the env must use ``render_mode="rgb_array"``) or from the
+observations themselves (``frame_source="obs"``, uint8 [H, W, C] or [H, W]), and are area-resized to
+``frame_size`` x ``frame_size`` before they are stored and before the policy sees them.
+
+Reproducibility: episode i is reset with seed ``seed + i`` and the policy is reset with the same seed,
+so the same env, policy and seed give identical arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+from sfv_world.datasets.format import EpisodeWriter
+from sfv_world.datasets.policies import Policy
+from sfv_world.datasets.preprocess import preprocess_frame
+
+FrameSource = Literal["render", "obs"]
+
+
+def get_frame(env: gym.Env, obs: Any, frame_source: FrameSource) -> np.ndarray:
+    """The raw frame of the current env state: ``env.render()`` or the observation itself."""
+    if frame_source == "render":
+        frame = env.render()
+        if frame is None:
+            raise ValueError(f"frame_source='render' but {env} returned no frame from render(); "
+                             f"make it with render_mode='rgb_array'")
+        return np.asarray(frame)
+    if frame_source == "obs":
+        if isinstance(obs, dict) or not hasattr(obs, "shape"):
+            raise ValueError(f"frame_source='obs' needs image observations, got {type(obs).__name__} "
+                             f"from {env}; use frame_source='render'")
+        return np.asarray(obs)
+    raise ValueError(f"frame_source must be 'render' or 'obs', got {frame_source!r}")
+
+
+@dataclass
+class CollectStats:
+    """What :func:`collect` wrote."""
+
+    path: Path
+    episodes: int = 0
+    transitions: int = 0
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+def _env_spec_json(env: gym.Env) -> str | None:
+    spec = getattr(env, "spec", None)
+    if spec is None:
+        return None
+    try:
+        return spec.to_json()
+    except (TypeError, ValueError):
+        return None
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return repr(obj)
+
+
+def _run_episode(env: gym.Env, policy: Policy, seed: int, frame_source: FrameSource, frame_size: int,
+                 max_steps: int | None) -> dict[str, np.ndarray]:
+    """One episode: frames uint8 [T+1, S, S, C], actions [T], rewards, terminations, truncations [T]."""
+    obs, _ = env.reset(seed=seed)
+    policy.reset(seed=seed)
+    frame = preprocess_frame(get_frame(env, obs, frame_source), frame_size)
+    frames, actions, rewards, terms, truncs = [frame], [], [], [], []
+    while True:
+        action = policy(frame)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        frame = preprocess_frame(get_frame(env, obs, frame_source), frame_size)
+        frames.append(frame)
+        actions.append(np.asarray(action))
+        rewards.append(float(reward))
+        if max_steps is not None and len(actions) >= max_steps:
+            truncated = True
+        terms.append(bool(terminated))
+        truncs.append(bool(truncated) and not terminated)
+        if terminated or truncated:
+            break
+    return {"observations": np.stack(frames), "actions": np.stack(actions),
+            "rewards": np.asarray(rewards, np.float32), "terminations": np.asarray(terms),
+            "truncations": np.asarray(truncs)}
+
+
+def collect(env: gym.Env, path: str | os.PathLike, policy: Policy, *, episodes: int | None = 100,
+            max_frames: int | None = None, frame_size: int = 64, frame_source: FrameSource = "render",
+            seed: int = 0, max_episode_steps: int | None = None, env_id: str | None = None,
+            overwrite: bool = False, progress: bool = True,
+            info: dict[str, Any] | None = None) -> CollectStats:
+    """Record episodes from ``env`` with ``policy`` into a new dataset at ``path``.
+
+    Stops after ``episodes`` episodes or ``max_frames`` transitions in total, whichever comes first
+    (at least one must be given); an episode cut by ``max_frames`` or ``max_episode_steps`` ends with
+    ``truncations[-1] = True``. Writing is crash-safe (see :class:`EpisodeWriter`).
+
+    Returns a :class:`CollectStats`. ``info`` adds JSON-able facts to ``metadata["sfv_world"]``.
+    """
+    if episodes is None and max_frames is None:
+        raise ValueError("collect: give episodes or max_frames (or both)")
+    for name, value in (("episodes", episodes), ("max_frames", max_frames),
+                        ("max_episode_steps", max_episode_steps)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"collect: {name} must be >= 1, got {value}")
+    if int(frame_size) < 1:
+        raise ValueError(f"collect: frame_size must be >= 1, got {frame_size}")
+    if frame_source not in ("render", "obs"):
+        raise ValueError(f"collect: frame_source must be 'render' or 'obs', got {frame_source!r}")
+    if frame_source == "render" and getattr(env, "render_mode", None) != "rgb_array":
+        raise ValueError(f"collect: frame_source='render' needs an env made with render_mode='rgb_array', "
+                         f"{env} has render_mode={getattr(env, 'render_mode', None)!r}")
+    env_id = env_id or (env.spec.id if env.spec is not None else type(env.unwrapped).__name__)
+
+    # the frame shape is known after the first reset: probe it with the first episode's seed
+    obs, _ = env.reset(seed=seed)
+    channels = preprocess_frame(get_frame(env, obs, frame_source), 1).shape[-1]
+    frame_shape = (int(frame_size), int(frame_size), int(channels))
+    meta = {"env_id": env_id, "frame_size": int(frame_size), "frame_source": frame_source,
+            "seed": int(seed), "policy": _jsonable(policy.describe()),
+            "max_episode_steps": max_episode_steps, "preprocessing": "area_resize",
+            **(info or {})}
+    stats = CollectStats(path=Path(path))
+    budget = max_frames if max_frames is not None else float("inf")
+    bar = tqdm(total=max_frames if max_frames is not None else episodes,
+               unit="frame" if max_frames is not None else "ep", disable=not progress,
+               desc=f"collect {env_id}", dynamic_ncols=True)
+    with EpisodeWriter(path, action_space=env.action_space, frame_shape=frame_shape, env_id=env_id,
+                       env_spec=_env_spec_json(env), info=meta, algorithm_name=policy.name,
+                       overwrite=overwrite) as writer, bar:
+        while (episodes is None or stats.episodes < episodes) and stats.transitions < budget:
+            remaining = budget - stats.transitions
+            cap = max_episode_steps
+            if remaining != float("inf"):
+                cap = int(remaining) if cap is None else min(cap, int(remaining))
+            ep_seed = int(seed) + stats.episodes
+            ep = _run_episode(env, policy, ep_seed, frame_source, int(frame_size), cap)
+            writer.add_episode(**ep, seed=ep_seed)
+            n = len(ep["rewards"])
+            stats.episodes += 1
+            stats.transitions += n
+            stats.returns.append(float(ep["rewards"].sum()))
+            stats.lengths.append(n)
+            bar.update(n if max_frames is not None else 1)
+            bar.set_postfix(episodes=stats.episodes, frames=stats.transitions,
+                            mean_return=f"{np.mean(stats.returns):.2f}")
+    return stats
