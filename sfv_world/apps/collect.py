@@ -1,0 +1,67 @@
+"""``sfv-world collect env=<preset> [collect.*=...] [dataset=<folder>]``: record a dataset.
+
+Builds the real env of ``cfg.env`` (``sfv_world.envs.sources``), the policy of ``cfg.collect.policy``
+and runs the collector. Refuses to replace an existing dataset unless ``collect.overwrite=true``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+from omegaconf import DictConfig, OmegaConf
+
+from sfv_world.datasets import RandomPolicy, SB3EpsilonGreedyPolicy, StickyRandomPolicy, collect, partial_path_for
+from sfv_world.datasets.policies import Policy
+
+POLICIES = ("random", "sticky", "sb3")
+
+
+def make_policy(ccfg: Any, action_space: gym.spaces.Space, seed: int) -> Policy:
+    """The collection policy named by ``collect.policy``."""
+    name = ccfg.policy
+    if name == "random":
+        return RandomPolicy(action_space, seed=seed)
+    if name == "sticky":
+        return StickyRandomPolicy(action_space, p=float(ccfg.sticky_p), seed=seed)
+    if name == "sb3":
+        if not ccfg.get("policy_path"):
+            raise SystemExit("sfv-world collect: collect.policy=sb3 needs collect.policy_path=<saved model .zip>")
+        return SB3EpsilonGreedyPolicy(ccfg.policy_path, action_space, epsilon=float(ccfg.epsilon),
+                                      frame_stack=int(ccfg.get("frame_stack", 1)),
+                                      algo=str(ccfg.get("algo", "auto")), seed=seed)
+    raise SystemExit(f"sfv-world collect: collect.policy must be one of {', '.join(POLICIES)}, got {name!r}")
+
+
+def run(cfg: DictConfig) -> int:
+    from sfv_world.apps.inspect import format_summary, summarise
+    from sfv_world.datasets import DatasetReader
+    from sfv_world.envs.sources import make_source_env
+
+    ccfg = cfg.collect
+    path = Path(cfg.dataset)
+    overwrite = bool(ccfg.overwrite)
+    if path.exists() and not overwrite:
+        raise SystemExit(f"sfv-world collect: dataset {path} already exists; pass collect.overwrite=true to replace it")
+    if partial_path_for(path).exists() and not overwrite:
+        raise SystemExit(f"sfv-world collect: {partial_path_for(path)} holds an interrupted collection; inspect it "
+                         f"with `sfv-world inspect {partial_path_for(path)}`, delete it, or pass collect.overwrite=true")
+    env = make_source_env(cfg.env)
+    try:
+        policy = make_policy(ccfg, env.action_space, int(cfg.seed))
+        episodes = ccfg.episodes
+        max_frames = ccfg.max_frames
+        collect(env, path, policy,
+                episodes=None if episodes is None else int(episodes),
+                max_frames=None if max_frames is None else int(max_frames),
+                frame_size=int(ccfg.frame_size), frame_source=cfg.env.frame_source, seed=int(cfg.seed),
+                max_episode_steps=None if ccfg.max_episode_steps is None else int(ccfg.max_episode_steps),
+                env_id=cfg.env.id, overwrite=overwrite, progress=bool(ccfg.get("progress", True)),
+                info={"env_name": cfg.env.name,
+                      "env_kwargs": OmegaConf.to_container(cfg.env.kwargs, resolve=True) if cfg.env.kwargs else {}})
+    finally:
+        env.close()
+    with DatasetReader(path) as reader:
+        print(format_summary(summarise(reader)))
+    return 0
