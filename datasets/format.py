@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -153,7 +154,7 @@ def _value_problems(ep: Episode, action_space: spaces.Space) -> tuple[str, str] 
     bad = np.flatnonzero(actions_outside_space(ep.actions, action_space))
     if bad.size:
         return "actions", (f"{bad.size} action(s) outside the recorded action space {action_space} "
-                           f"(first at step {bad[0]}: {ep.actions[bad[0]]!r})")
+                           f"(first at step {bad[0]}: {ep.actions[bad[0]].tolist()})")
     if not np.all(np.isfinite(ep.rewards)):
         return "rewards", f"non-finite reward at step {int(np.flatnonzero(~np.isfinite(ep.rewards))[0])}"
     for field in ("terminations", "truncations"):
@@ -164,9 +165,10 @@ def _value_problems(ep: Episode, action_space: spaces.Space) -> tuple[str, str] 
 
 
 def dataset_id_for(path: Path) -> str:
-    """A Minari-style dataset id (``namespace/name-vN``) from a dataset folder name."""
+    """A Minari-style dataset id (``sfv_world/<name>-vN``) from a dataset folder name (-v0 appended
+    unless the name ends in a version already)."""
     name = "".join(ch if (ch.isalnum() or ch in "-_") else "_" for ch in path.name) or "dataset"
-    return f"sfv_world/{name}-v0"
+    return f"sfv_world/{name}" if re.search(r"-v\d+$", name) else f"sfv_world/{name}-v0"
 
 
 def _atomic_write_json(path: Path, obj: Mapping[str, Any]) -> None:
