@@ -37,10 +37,12 @@ def get_frame(env: gym.Env, obs: Any, frame_source: FrameSource) -> np.ndarray:
                              f"make it with render_mode='rgb_array'")
         return np.asarray(frame)
     if frame_source == "obs":
-        if isinstance(obs, dict) or not hasattr(obs, "shape"):
-            raise ValueError(f"frame_source='obs' needs image observations, got {type(obs).__name__} "
-                             f"from {env}; use frame_source='render'")
-        return np.asarray(obs)
+        arr = np.asarray(obs) if hasattr(obs, "shape") else None
+        if arr is None or arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            got = type(obs).__name__ if arr is None else f"{arr.dtype} array of shape {arr.shape}"
+            raise ValueError(f"frame_source='obs' needs image observations (uint8 [H, W, C] or [H, W]), got "
+                             f"{got} from {env}; use frame_source='render'")
+        return arr
     raise ValueError(f"frame_source must be 'render' or 'obs', got {frame_source!r}")
 
 

@@ -1,0 +1,350 @@
+"""Collector, policies, crash safety (killing a real collector process), source envs and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+from sfv_world.datasets import (
+    DatasetReader,
+    RandomPolicy,
+    SB3EpsilonGreedyPolicy,
+    StickyRandomPolicy,
+    area_resize,
+    collect,
+    partial_path_for,
+)
+from sfv_world.datasets.format import DATA_DIR, METADATA_FILE
+
+TESTS = Path(__file__).parent
+
+
+class CountingEnv(gym.Env):
+    """Tiny image env: frame [20, 30, 3] encodes the step count; episodes last 3..8 steps (seeded).
+
+    Reward = the action taken. ``step_delay`` slows it down for the crash-safety tests.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(self, render_mode: str | None = None, step_delay: float = 0.0, n_actions: int = 3):
+        self.render_mode = render_mode
+        self.step_delay = step_delay
+        self.observation_space = spaces.Box(0, 255, (20, 30, 3), np.uint8)
+        self.action_space = spaces.Discrete(n_actions)
+        self._t = 0
+        self._len = 0
+        self._noise = 0
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros((20, 30, 3), np.uint8)
+        obs[:, :, 0] = 10 * self._t
+        obs[:, :, 1] = self._noise
+        return obs
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        self._len = int(self.np_random.integers(3, 9))
+        self._noise = int(self.np_random.integers(0, 256))
+        return self._obs(), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        self._t += 1
+        self._noise = int(self.np_random.integers(0, 256))
+        return self._obs(), float(action), self._t >= self._len, False, {}
+
+    def render(self):
+        return self._obs() if self.render_mode == "rgb_array" else None
+
+
+def _arrays(path: Path) -> list[dict]:
+    r = DatasetReader(path)
+    return [vars(r.load_episode(e)) for e in r.episode_ids]
+
+
+def test_collect_records_episodes(tmp_path: Path) -> None:
+    env = CountingEnv()
+    stats = collect(env, tmp_path / "ds", RandomPolicy(env.action_space), episodes=6, frame_size=10,
+                    frame_source="obs", seed=3, progress=False)
+    r = DatasetReader(tmp_path / "ds")
+    assert r.complete and r.num_episodes == stats.episodes == 6
+    assert r.frame_shape == (10, 10, 3) and r.action_space == spaces.Discrete(3)
+    assert r.num_transitions == stats.transitions == sum(stats.lengths)
+    meta = r.metadata["sfv_world"]
+    assert meta["frame_source"] == "obs" and meta["seed"] == 3 and meta["policy"] == {"name": "random"}
+    assert r.metadata["algorithm_name"] == "random"
+    for e in r.episode_ids:
+        ep = r.load_episode(e)
+        assert ep.seed == 3 + e and ep.terminations[-1] and not ep.truncations.any()
+        np.testing.assert_array_equal(ep.rewards, ep.actions.astype(np.float32))  # reward = action
+        # frame t encodes step t: stored frames are the area-resized observations, in order
+        np.testing.assert_array_equal(ep.observations[:, 0, 0, 0], 10 * np.arange(len(ep) + 1))
+        assert stats.returns[e] == pytest.approx(float(ep.rewards.sum()))
+
+
+def test_collect_is_reproducible(tmp_path: Path) -> None:
+    def run(name: str, seed: int, policy_cls=RandomPolicy, **kw) -> list[dict]:
+        env = CountingEnv()
+        collect(env, tmp_path / name, policy_cls(env.action_space, **kw), episodes=5, frame_size=8,
+                frame_source="obs", seed=seed, progress=False)
+        return _arrays(tmp_path / name)
+
+    a, b, c = run("a", 0), run("b", 0), run("c", 1)
+    for x, y in zip(a, b):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(x[field], y[field])
+    assert any(len(x["actions"]) != len(y["actions"]) or not np.array_equal(x["actions"], y["actions"])
+               for x, y in zip(a, c))
+    s1, s2 = run("s1", 5, StickyRandomPolicy, p=0.5), run("s2", 5, StickyRandomPolicy, p=0.5)
+    assert all(np.array_equal(x["actions"], y["actions"]) for x, y in zip(s1, s2))
+
+
+def test_collect_stops_at_max_frames_and_max_episode_steps(tmp_path: Path) -> None:
+    env = CountingEnv()
+    stats = collect(env, tmp_path / "mf", RandomPolicy(env.action_space), episodes=None, max_frames=13,
+                    frame_size=8, frame_source="obs", progress=False)
+    r = DatasetReader(tmp_path / "mf")
+    assert r.num_transitions == stats.transitions == 13
+    last = r.load_episode(r.episode_ids[-1])
+    assert last.terminations[-1] or last.truncations[-1]
+    stats = collect(env, tmp_path / "ms", RandomPolicy(env.action_space), episodes=4, max_episode_steps=2,
+                    frame_size=8, frame_source="obs", progress=False)
+    r = DatasetReader(tmp_path / "ms")
+    assert all(n <= 2 for n in r.episode_lengths.values()) and r.num_episodes == 4
+    assert all(r.load_episode(e).truncations[-1] for e in r.episode_ids if r.episode_lengths[e] == 2
+               and not r.load_episode(e).terminations[-1])
+
+
+def test_collect_from_render_cartpole(tmp_path: Path) -> None:
+    env = gym.make("CartPole-v1", render_mode="rgb_array")
+    collect(env, tmp_path / "cp", RandomPolicy(env.action_space), episodes=2, frame_size=16, progress=False)
+    r = DatasetReader(tmp_path / "cp")
+    assert r.frame_shape == (16, 16, 3) and r.env_id == "CartPole-v1"
+    ep = r.load_episode(0)
+    env.reset(seed=0)  # episode 0 is reset with the collection seed: its first frame is reproducible
+    np.testing.assert_array_equal(ep.observations[0], area_resize(env.render(), 16))
+    assert ep.observations.std() > 0
+
+
+def test_collect_argument_errors(tmp_path: Path) -> None:
+    env = CountingEnv()
+    pol = RandomPolicy(env.action_space)
+    with pytest.raises(ValueError, match="render_mode='rgb_array'"):
+        collect(env, tmp_path / "x", pol, episodes=1, frame_source="render", progress=False)
+    with pytest.raises(ValueError, match="episodes or max_frames"):
+        collect(env, tmp_path / "x", pol, episodes=None, frame_source="obs", progress=False)
+    with pytest.raises(ValueError, match="frame_source must be"):
+        collect(env, tmp_path / "x", pol, episodes=1, frame_source="pixels", progress=False)
+    with pytest.raises(ValueError, match="max_frames must be >= 1"):
+        collect(env, tmp_path / "x", pol, episodes=1, max_frames=0, frame_source="obs", progress=False)
+    cp = gym.make("CartPole-v1")
+    with pytest.raises(ValueError, match="image observations"):
+        collect(cp, tmp_path / "x", RandomPolicy(cp.action_space), episodes=1, frame_source="obs", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_sticky_policy_repeats_with_probability_p() -> None:
+    pol = StickyRandomPolicy(spaces.Discrete(4), p=0.8, seed=0)
+    pol.reset(seed=0)
+    acts = np.array([pol(None) for _ in range(4000)])
+    repeat = float(np.mean(acts[1:] == acts[:-1]))
+    assert repeat == pytest.approx(0.8 + 0.2 / 4, abs=0.03)
+    uniform = RandomPolicy(spaces.Discrete(4), seed=0)
+    acts = np.array([uniform(None) for _ in range(4000)])
+    assert float(np.mean(acts[1:] == acts[:-1])) == pytest.approx(0.25, abs=0.03)
+    with pytest.raises(ValueError, match="p must be in"):
+        StickyRandomPolicy(spaces.Discrete(2), p=1.0)
+
+
+class StackedImageEnv(CountingEnv):
+    """Observation space of 2 stacked 16x16 frames, as a model trained with VecFrameStack(2) sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.observation_space = spaces.Box(0, 255, (16, 16, 6), np.uint8)
+
+
+def test_sb3_epsilon_greedy_policy(tmp_path: Path) -> None:
+    from stable_baselines3 import PPO
+
+    model = PPO("MlpPolicy", StackedImageEnv(), n_steps=8, batch_size=8, device="cpu", seed=0)
+    model.save(tmp_path / "ppo.zip")
+    space = spaces.Discrete(3)
+    greedy = SB3EpsilonGreedyPolicy(tmp_path / "ppo.zip", space, epsilon=0.0, frame_stack=2, seed=0)
+    assert type(greedy.model).__name__ == "PPO"
+    frames = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    greedy.reset(seed=0)
+    stacked = [np.concatenate([np.zeros_like(frames[0]), frames[0]], -1)] + \
+        [np.concatenate([frames[i - 1], frames[i]], -1) for i in range(1, 6)]
+    for f, obs in zip(frames, stacked):
+        expected, _ = model.predict(obs, deterministic=True)
+        assert greedy(f) == int(expected)
+    always_random = SB3EpsilonGreedyPolicy(None, space, epsilon=1.0, frame_stack=2, seed=1, model=model)
+    always_random.reset(seed=1)
+    reference = RandomPolicy(space, seed=1)
+    reference.reset(seed=1)
+    assert [always_random(f) for f in frames] == [reference(f) for f in frames]
+    # collecting with it (wrong frame size is an error that names frame_size and frame_stack)
+    env = CountingEnv()
+    collect(env, tmp_path / "ds", greedy, episodes=2, frame_size=16, frame_source="obs", progress=False)
+    assert DatasetReader(tmp_path / "ds").metadata["sfv_world"]["policy"]["epsilon"] == 0.0
+    with pytest.raises(ValueError, match="frame_size and frame_stack"):
+        collect(env, tmp_path / "ds2", greedy, episodes=1, frame_size=8, frame_source="obs", progress=False)
+    with pytest.raises(FileNotFoundError, match="no saved SB3 model"):
+        SB3EpsilonGreedyPolicy(tmp_path / "missing.zip", space)
+
+
+# ------------------------------------------------------------------------------------------------
+# crash safety: a real collector process killed mid-run
+
+COLLECTOR = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_collect import CountingEnv
+    from sfv_world.datasets import collect, RandomPolicy
+    env = CountingEnv(step_delay=0.01)
+    collect(env, {path!r}, RandomPolicy(env.action_space), episodes=10_000, frame_size=8,
+            frame_source="obs", seed=0, progress=False)
+""")
+
+
+def _start_collector(path: Path) -> subprocess.Popen:
+    code = COLLECTOR.format(tests=str(TESTS), path=str(path))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_episodes(proc: subprocess.Popen, path: Path, n: int, timeout: float = 60.0) -> None:
+    meta = partial_path_for(path) / DATA_DIR / METADATA_FILE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            import json
+
+            if json.loads(meta.read_text())["total_episodes"] >= n:
+                return
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"collector wrote fewer than {n} episodes in {timeout} s")
+
+
+def _check_recovered(path: Path, min_episodes: int) -> None:
+    assert not path.exists(), "an interrupted dataset must not appear under its final name"
+    r = DatasetReader(partial_path_for(path))
+    assert not r.complete and r.num_episodes >= min_episodes
+    r.validate()  # every finished episode is fully readable
+    for e in r.episode_ids:
+        ep = r.load_episode(e)
+        assert ep.terminations[-1] and ep.seed == e
+        np.testing.assert_array_equal(ep.observations[:, 0, 0, 0], 10 * np.arange(len(ep) + 1))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_collector_leaves_finished_episodes_readable(tmp_path: Path, sig) -> None:
+    path = tmp_path / "ds"
+    proc = _start_collector(path)
+    _wait_for_episodes(proc, path, 3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    if sig == signal.SIGINT:
+        assert "KeyboardInterrupt" in err
+        assert f"readable in {partial_path_for(path)}" in err  # the error says where the data is
+    _check_recovered(path, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# source envs
+
+
+@pytest.mark.parametrize("preset,n_actions", [("cartpole", 2), ("pong", 6), ("breakout", 4), ("minigrid", 3)])
+def test_source_env_presets(preset, n_actions) -> None:
+    from omegaconf import OmegaConf
+
+    from sfv_world.envs.sources import make_pixel_env, make_source_env
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "env" / f"{preset}.yaml")
+    env = make_source_env(cfg)
+    assert env.action_space == spaces.Discrete(n_actions)
+    pix = make_pixel_env(cfg, frame_size=32)
+    obs, _ = pix.reset(seed=0)
+    assert obs.shape == (32, 32, 3) and obs.dtype == np.uint8 and pix.observation_space.contains(obs)
+    obs2, *_ = pix.step(pix.action_space.sample())
+    assert obs2.shape == (32, 32, 3)
+    if preset in ("pong", "breakout"):
+        assert env.unwrapped._frameskip == 4
+    pix.close()
+    env.close()
+
+
+def test_pixel_observation_matches_collector(tmp_path: Path) -> None:
+    from sfv_world.envs.sources import PixelObservation
+
+    env = PixelObservation(CountingEnv(render_mode="rgb_array"), frame_size=8, frame_source="render")
+    obs, _ = env.reset(seed=0)
+    base = CountingEnv()
+    collect(base, tmp_path / "ds", RandomPolicy(base.action_space), episodes=1, frame_size=8,
+            frame_source="obs", progress=False)
+    np.testing.assert_array_equal(obs, DatasetReader(tmp_path / "ds").load_episode(0).observations[0])
+    with pytest.raises(ValueError, match="render_mode='rgb_array'"):
+        PixelObservation(CountingEnv(), frame_source="render")
+    with pytest.raises(ValueError, match="uint8 image observations"):
+        PixelObservation(gym.make("CartPole-v1"), frame_source="obs")
+
+
+def test_action_subset_wrapper() -> None:
+    from sfv_world.envs.sources import ActionSubset
+
+    env = ActionSubset(CountingEnv(n_actions=6), [4, 1])
+    env.reset(seed=0)
+    assert env.action_space == spaces.Discrete(2)
+    _, reward, *_ = env.step(0)
+    assert reward == 4.0
+    with pytest.raises(ValueError, match="must be distinct actions"):
+        ActionSubset(CountingEnv(), [0, 7])
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_collect_and_inspect(tmp_path: Path, capsys) -> None:
+    from sfv_world.apps.cli import main
+
+    ds = tmp_path / "cp"
+    args = ["collect", "env=cartpole", "collect.episodes=2", "collect.frame_size=16", "collect.progress=false",
+            f"dataset={ds}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "episodes     2" in out and "16x16x3" in out
+    with pytest.raises(SystemExit, match="already exists; pass collect.overwrite=true"):
+        main(args)
+    assert main(args + ["collect.overwrite=true", "seed=1"]) == 0
+    assert DatasetReader(ds).metadata["sfv_world"]["seed"] == 1
+    sheet = tmp_path / "sheet.png"
+    assert main(["inspect", str(ds), f"inspect.contact_sheet={sheet}", "inspect.samples=5"]) == 0
+    out = capsys.readouterr().out
+    for word in ("episodes", "transitions", "frames", "actions", "Discrete(2)", "returns", "frame size"):
+        assert word in out
+    from PIL import Image
+
+    assert Image.open(sheet).size == (3 * (32 + 2) + 2, 2 * (32 + 2) + 2)
+    with pytest.raises(SystemExit, match="dataset folder does not exist"):
+        main(["inspect", str(tmp_path / "nothing")])
