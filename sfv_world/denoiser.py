@@ -1,0 +1,102 @@
+"""Flow-score matching (STARFLOW_V.md §4): a learned, near-causal denoiser regressing the flow's score.
+
+Target (w = 1 convention). The flow loss is a mean over `loss_numel` dimensions, so
+x_tilde.grad = grad(NLL)/loss_numel and
+
+    g = x_tilde.grad * loss_numel * sigma = sigma * grad NLL(x_tilde) = -sigma * grad log p(x_tilde)
+
+(std ~ 1, an epsilon-prediction). The denoiser s_phi regresses g with its own optimiser; at sampling
+one Tweedie step is x_hat = x_tilde + sigma^2 grad log p = x_tilde - sigma * s_phi(x_tilde).
+
+Network: patch tokens of all frames -> proj_in (+ frame-aligned action conditioning, as in the deep
+block) -> transformer layers with full attention inside a frame -> zero-initialised proj_out. Frame
+mask: layer 0 lets frame n see frames <= n + lookahead; every later layer frames <= n. So across all
+layers the output for frame n depends on frames <= n + lookahead (lookahead 0 or 1) -- one frame of
+look-ahead in total, not per layer (the release's mask leaks (A-1) * layers frames, §4.2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sfv_world.flow import TransformerLayer
+from sfv_world.rope import rope_cos_sin, token_positions
+from sfv_world.tokens import ActionEmbedding, patchify, unpatchify
+
+DENOISER_WINDOW = 4  # frames handed to the denoiser at generation (the newest plus 3 past)
+
+
+def score_target(x_tilde_grad: torch.Tensor, sigma: float, loss_numel_scale: float | torch.Tensor) -> torch.Tensor:
+    """g = x_tilde.grad * loss_numel_scale * sigma = sigma * grad NLL(x_tilde), detached.
+
+    loss_numel_scale: the number of dimensions the flow loss averages over (`StarFlowV.loss_numel`;
+    x_tilde.numel() when there is no padding).
+    """
+    return (x_tilde_grad * loss_numel_scale * sigma).detach()
+
+
+class FlowScoreDenoiser(nn.Module):
+    """s_phi(x_tilde, a) -> score estimate with the shape of x_tilde, frame-causal (+ lookahead)."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.sigma, self.lookahead, self.window = c.sigma, c.denoiser_lookahead, DENOISER_WINDOW
+        d, W = c.token_dim, c.denoiser_width
+        self.proj_in = nn.Linear(d, W)
+        self.action_embed = ActionEmbedding(c.action_kind, c.action_dim, W)
+        self.layers = nn.ModuleList([TransformerLayer(W, c.head_dim) for _ in range(c.denoiser_layers)])
+        self.norm = nn.RMSNorm(W)
+        self.proj_out = nn.Linear(W, d)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def frame_masks(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention masks bool [N, N] for layer 0 (frames <= n + lookahead) and later layers (<= n)."""
+        f = torch.arange(T, device=device).repeat_interleave(self.config.tokens_per_frame)
+        return f[None, :] <= f[:, None] + self.lookahead, f[None, :] <= f[:, None]
+
+    def forward(self, x_tilde: torch.Tensor, actions: torch.Tensor, drop_actions: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x_tilde [B, T, C, H, W]; actions [B, T-1(, k)]; drop_actions bool [B] | None.
+
+        Returns the score estimate [B, T, C, H, W] (target scale: sigma * grad NLL).
+        """
+        c = self.config
+        B, T = x_tilde.shape[:2]
+        F = c.tokens_per_frame
+        tokens = patchify(x_tilde, c.patch_size).reshape(B, T * F, c.token_dim)
+        cond = self.action_embed.frame_conditioning(actions, T, drop_actions)  # [B, T, D]
+        h = self.proj_in(tokens) + cond.repeat_interleave(F, dim=1)
+        frames = torch.arange(T, dtype=torch.float64, device=x_tilde.device)
+        cos, sin = rope_cos_sin(token_positions(c.grid, c.grid, frames), c.head_dim)
+        first, rest = self.frame_masks(T, x_tilde.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, first if i == 0 else rest, False)
+        score = self.proj_out(self.norm(h)).reshape(B, T, F, c.token_dim)
+        return unpatchify(score, c.patch_size, c.channels, c.frame_size, c.frame_size)
+
+    def denoise(self, x_tilde: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """One Tweedie step on a clip: x_hat = x_tilde - sigma * s_phi(x_tilde). Shapes as forward."""
+        return x_tilde - self.sigma * self(x_tilde, actions)
+
+    @torch.no_grad()
+    def denoise_latest(self, x_window: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Denoise the newest frame of a short window in one batched pass.
+
+        x_window [B, W, C, H, W] (oldest first); actions [B, W-1(, k)]. Returns [B, C, H, W]. With
+        lookahead 1 the newest frame is denoised without its look-ahead frame (as the last frame of
+        a training clip); for the exact one-frame-lagged output use `denoise_frame(..., index=-2)`.
+        """
+        return self.denoise_frame(x_window, actions, -1)
+
+    @torch.no_grad()
+    def denoise_frame(self, x_window: torch.Tensor, actions: torch.Tensor, index: int = -1) -> torch.Tensor:
+        """Denoised frame `index` of a window [B, W, C, H, W] -> [B, C, H, W]."""
+        return self.denoise(x_window, actions)[:, index]
+
+
+def flow_score_matching_loss(denoiser: FlowScoreDenoiser, x_tilde: torch.Tensor, g: torch.Tensor,
+                             actions: torch.Tensor, drop_actions: torch.Tensor | None = None) -> torch.Tensor:
+    """L_FSM = mean over elements of (s_phi(x_tilde, a) - g)^2; x_tilde and g are detached."""
+    return (denoiser(x_tilde.detach(), actions, drop_actions) - g.detach()).square().mean()

@@ -1,0 +1,542 @@
+"""STARFlow-V for action-conditioned video (STARFLOW_V.md §2, §3, §6, §9).
+
+x_tilde [B, T, C, H, W] --patchify--> u [B, T, F, d]
+  --S_1 .. S_K (shallow, per frame, unconditional, alternating identity / flip)-->
+  --D (deep, token-causal over the whole clip in natural order, + c_t = E(a_{t-1}))--> z [B, T, F, d]
+
+log p(x_tilde) = sum_t [ log N(z_t; 0, I) + sum(logdet of frame t over all blocks) ], and each frame's
+term is exactly log p(x_tilde_t | x_tilde_<t, a_<t): the Jacobian is block lower-triangular over frames.
+
+Constant convention: `nll` is the full negative log-density of the continuous x_tilde in model units
+([-1, 1] pixels), including the Gaussian constant (d/2) ln 2 pi. `nll_to_bits_per_dim` divides by
+ln2 * C*H*W and adds nothing; to express it per 0..255 pixel unit add log2(127.5) = PIXEL_BITS_OFFSET.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+
+from sfv_world.denoiser import FlowScoreDenoiser
+from sfv_world.flow import FlowBlock, KVCache
+from sfv_world.heads import REWARD_MODES, RewardTerminationHead
+from sfv_world.rope import check_head_dim, rope_cos_sin, token_positions
+from sfv_world.sampling import JacobiConfig, invert_jacobi, invert_sequential
+from sfv_world.tokens import ActionEmbedding, patchify, start_flags, unpatchify
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+PIXEL_BITS_OFFSET = math.log2(127.5)  # bits/dim between [-1, 1] units and 0..255 units
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class StarFlowVConfig:
+    """Model hyper-parameters; keys match configs/model/*.yaml plus action_kind/action_dim."""
+
+    frame_size: int
+    channels: int
+    patch_size: int
+    max_frames: int
+    shallow_blocks: int
+    shallow_layers: int
+    shallow_width: int
+    deep_layers: int
+    deep_width: int
+    head_dim: int
+    soft_clip: float
+    sigma: float
+    cond_drop: float
+    denoiser_layers: int
+    denoiser_width: int
+    denoiser_lookahead: int
+    reward_mode: str
+    action_kind: str  # "discrete" | "box" (from the dataset)
+    action_dim: int  # number of actions (discrete) or Box dimension
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "StarFlowVConfig":
+        """Build from a mapping (e.g. a hydra model config plus action_kind/action_dim).
+
+        Unknown or missing keys raise ValueError naming them.
+        """
+        d = {**dict(d), **overrides}
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        missing = [n for n in names if n not in d]
+        if unknown or missing:
+            raise ValueError(f"StarFlowVConfig: unknown keys {unknown}, missing keys {missing}")
+        cfg = cls(**{n: d[n] for n in names})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.frame_size % self.patch_size:
+            raise ValueError(f"frame_size {self.frame_size} is not a multiple of patch_size {self.patch_size}")
+        check_head_dim(self.head_dim)
+        for name in ("shallow_width", "deep_width", "denoiser_width"):
+            if getattr(self, name) % self.head_dim:
+                raise ValueError(f"{name}={getattr(self, name)} is not a multiple of head_dim={self.head_dim}")
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode={self.reward_mode!r}: expected one of {REWARD_MODES}")
+        if self.action_kind not in ("discrete", "box"):
+            raise ValueError(f"action_kind={self.action_kind!r}: expected 'discrete' or 'box'")
+        if self.denoiser_lookahead not in (0, 1):
+            raise ValueError(f"denoiser_lookahead={self.denoiser_lookahead}: expected 0 or 1")
+        if self.action_dim < 1 or self.max_frames < 1 or self.shallow_blocks < 0:
+            raise ValueError("action_dim and max_frames must be >= 1, shallow_blocks >= 0")
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side of a frame."""
+        return self.frame_size // self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """F."""
+        return self.grid ** 2
+
+    @property
+    def token_dim(self) -> int:
+        """d = p*p*C."""
+        return self.patch_size ** 2 * self.channels
+
+    @property
+    def frame_dims(self) -> int:
+        """C*H*W."""
+        return self.channels * self.frame_size ** 2
+
+
+def nll_to_bits_per_dim(nll: torch.Tensor, config: StarFlowVConfig | int) -> torch.Tensor:
+    """nats per frame -> bits per dimension: nll / (ln 2 * C*H*W). No offset is added (see module doc).
+
+    config: a StarFlowVConfig or the number of dimensions of a frame.
+    """
+    dims = config.frame_dims if isinstance(config, StarFlowVConfig) else int(config)
+    return nll / (math.log(2.0) * dims)
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs and generation state
+
+
+@dataclass
+class FlowOutput:
+    """Output of `StarFlowV.forward` (float tensors; nll/logdet at least float32).
+
+    z [B, T, F, d]            prior-space tokens
+    logdet [B, T]             sum of log|det| of all blocks, per frame (nats)
+    nll [B, T]                -log p(x_tilde_t | x_tilde_<t, a_<t) (nats; 0 on padding frames)
+    features [B, T, D]        per-frame causal deep features (see StarFlowV.forward)
+    reward [B, T-1]           transition t: regression value, or sign logits [B, T-1, 3]
+    termination_logit [B, T-1]
+    """
+
+    z: torch.Tensor
+    logdet: torch.Tensor
+    nll: torch.Tensor
+    features: torch.Tensor
+    reward: torch.Tensor
+    termination_logit: torch.Tensor
+
+
+@dataclass
+class FrameSample:
+    """One generated frame per row (`StarFlowV.generate_frame`).
+
+    x_tilde [B, C, H, W] (pre-denoise); nll [B] nats of the frame under the (conditional) model;
+    features [B, D]; reward [B] (or sign logits [B, 3]) and termination_logit [B] for the transition
+    (previous frame, action) -> this frame; iterations [B] int64 deep-block Jacobi iterations per
+    sample; passes: deep-block forward calls; shallow_passes: shallow-block forward calls.
+    """
+
+    x_tilde: torch.Tensor
+    nll: torch.Tensor
+    features: torch.Tensor
+    reward: torch.Tensor
+    termination_logit: torch.Tensor
+    iterations: torch.Tensor
+    passes: int
+    shallow_passes: int
+
+
+class GenerationState:
+    """Deep-block KV cache plus the bookkeeping of frame-by-frame generation.
+
+    cache           KVCache of the deep block; B rows, or 2B ([cond; uncond]) when cfg
+    last_token      [B, d] deep-space token u of the newest frame's last slot, not yet fed
+    last_valid      bool [B]: the row has a real newest frame (False: empty or all padding)
+    prev_tokens     [B, F, d] deep-space tokens of the newest frame (Jacobi warm start) | None
+    num_frames      frames held (padding included); the next frame gets RoPE frame index num_frames
+    capacity        frames the cache can hold
+    history_x       [B, capacity, C, H, W] x_tilde of the held frames (for re-encoding a window)
+    history_a       [B, capacity, ...] action taken after each held frame (last one unset)
+    history_mask    bool [B, capacity]: real frames
+    """
+
+    def __init__(self, cache: KVCache, last_token, last_valid, prev_tokens, num_frames: int, capacity: int,
+                 cfg: bool, history_x, history_a, history_mask):
+        self.cache, self.last_token, self.last_valid, self.prev_tokens = cache, last_token, last_valid, prev_tokens
+        self.num_frames, self.capacity, self.cfg = num_frames, capacity, cfg
+        self.history_x, self.history_a, self.history_mask = history_x, history_a, history_mask
+
+    @property
+    def batch(self) -> int:
+        return self.last_token.shape[0]
+
+    @property
+    def full(self) -> bool:
+        return self.num_frames >= self.capacity
+
+    def replace_rows(self, rows: torch.Tensor, other: "GenerationState", other_rows: torch.Tensor | None = None) -> None:
+        """Overwrite rows (int64 [R]) with other's rows (default 0..R-1), e.g. after a per-row reset.
+
+        Both states must hold the same number of frames; encode a shorter context for `other` with
+        left padding (frame_mask False first) to match. Both must agree on cfg.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.last_token.device)
+        if other_rows is None:
+            other_rows = torch.arange(len(rows), device=rows.device)
+        other_rows = torch.as_tensor(other_rows, dtype=torch.long, device=rows.device)
+        if other.num_frames != self.num_frames or other.cfg != self.cfg:
+            raise ValueError(
+                f"replace_rows: states differ (num_frames {other.num_frames} vs {self.num_frames}, "
+                f"cfg {other.cfg} vs {self.cfg}); left-pad the new context to {self.num_frames} frames"
+            )
+        if self.cfg:
+            B, Bo = self.batch, other.batch
+            self.cache.replace_rows(torch.cat([rows, rows + B]), other.cache, torch.cat([other_rows, other_rows + Bo]))
+        else:
+            self.cache.replace_rows(rows, other.cache, other_rows)
+        self.last_token[rows] = other.last_token[other_rows]
+        self.last_valid[rows] = other.last_valid[other_rows]
+        if self.prev_tokens is not None and other.prev_tokens is not None:
+            self.prev_tokens[rows] = other.prev_tokens[other_rows]
+        n = self.num_frames
+        self.history_x[rows, :n] = other.history_x[other_rows, :n]
+        self.history_a[rows, :n] = other.history_a[other_rows, :n]
+        self.history_mask[rows, :n] = other.history_mask[other_rows, :n]
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+class StarFlowV(nn.Module):
+    """Global-local STARFlow-V with frame-aligned action conditioning and reward/termination heads."""
+
+    def __init__(self, config: StarFlowVConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        F, d = c.tokens_per_frame, c.token_dim
+        # shallow S_1..S_K in data->noise order; the one next to D is flipped, then alternate
+        self.shallow = nn.ModuleList([
+            FlowBlock(d, c.shallow_width, c.shallow_layers, c.head_dim, c.soft_clip,
+                      "flip_in_frame" if (c.shallow_blocks - 1 - i) % 2 == 0 else "identity", F)
+            for i in range(c.shallow_blocks)
+        ])
+        self.deep = FlowBlock(d, c.deep_width, c.deep_layers, c.head_dim, c.soft_clip, "identity", F)
+        self.action_embed = ActionEmbedding(c.action_kind, c.action_dim, c.deep_width)
+        self.heads = RewardTerminationHead(c.deep_width, c.reward_mode)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.deep.sos.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.deep.sos.device
+
+    def rope(self, first_frame: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for whole frames [first_frame, first_frame + num_frames): each [T*F, hd/2]."""
+        g = self.config.grid
+        frames = torch.arange(first_frame, first_frame + num_frames, dtype=torch.float64, device=self.device)
+        cos, sin = rope_cos_sin(token_positions(g, g, frames), self.config.head_dim)
+        return cos.to(self.dtype), sin.to(self.dtype)
+
+    def shallow_forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shallow blocks on each frame independently: u [B, T, F, d] -> (u', logdet [B, T])."""
+        B, T, F, d = u.shape
+        cos, sin = self.rope(0, 1)  # every frame is time 0: time-invariant
+        x = u.reshape(B * T, F, d)
+        logdet = torch.zeros(B * T, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
+        for block in self.shallow:
+            x, ld, _ = block(x, cos, sin)
+            logdet = logdet + ld.sum((1, 2))
+        return x.reshape(B, T, F, d), logdet.reshape(B, T)
+
+    def reward_value(self, reward: torch.Tensor) -> torch.Tensor:
+        """Head output -> reward value (regression value, or argmax sign in {-1, 0, 1})."""
+        return self.heads.reward_value(reward)
+
+    # -- data -> noise ----------------------------------------------------------------------------
+
+    def _deep_inputs(self, actions, T, drop_actions, frame_mask, B):
+        """Deep-block conditioning for a clip: add [B, N, D], key_valid [B, N] | None, sos_mask [B, N] | None."""
+        F = self.config.tokens_per_frame
+        c = self.action_embed.frame_conditioning(actions, T, drop_actions, frame_mask)  # [B, T, D]
+        add = c.repeat_interleave(F, dim=1)  # [B, N, D]
+        if frame_mask is None:
+            return add, None, None
+        key_valid = frame_mask.repeat_interleave(F, dim=1)  # [B, N]
+        sos_mask = torch.zeros_like(key_valid)
+        sos_mask[:, ::F] = start_flags(frame_mask)  # the first slot of a sequence-starting frame
+        return add, key_valid, sos_mask
+
+    def _forward(self, x_tilde, actions, drop_actions=None, frame_mask=None, cache=None, cfg=False):
+        """Shared by forward and encode_context. Returns (FlowOutput of the conditional rows, u)."""
+        c = self.config
+        B, T = x_tilde.shape[:2]
+        F, d = c.tokens_per_frame, c.token_dim
+        if x_tilde.shape[2:] != (c.channels, c.frame_size, c.frame_size):
+            raise ValueError(f"x_tilde frames {tuple(x_tilde.shape[2:])} != "
+                             f"{(c.channels, c.frame_size, c.frame_size)} of the model config")
+        if actions.shape[:2] != (B, T - 1):
+            raise ValueError(f"actions {tuple(actions.shape)} do not match {T} frames (expected [B, T-1, ...])")
+        if frame_mask is not None and bool(frame_mask.all()):
+            frame_mask = None  # the common case: no padding, fast causal attention
+
+        u, logdet_s = self.shallow_forward(patchify(x_tilde, c.patch_size))  # [B,T,F,d], [B,T]
+        add, key_valid, sos_mask = self._deep_inputs(actions, T, drop_actions, frame_mask, B)
+        tokens = u.reshape(B, T * F, d)
+        if cfg:  # [cond; uncond] for the cache of guided generation
+            null = torch.ones(B, dtype=torch.bool, device=x_tilde.device)
+            add_u, _, _ = self._deep_inputs(actions, T, null, frame_mask, B)
+            tokens, add = torch.cat([tokens, tokens]), torch.cat([add, add_u])
+            key_valid = None if key_valid is None else torch.cat([key_valid, key_valid])
+            sos_mask = None if sos_mask is None else torch.cat([sos_mask, sos_mask])
+        cos, sin = self.rope(0, T)
+        z, logdet_d, h = self.deep(tokens, cos, sin, add, key_valid, sos_mask, cache)
+        z, logdet_d, h = z[:B], logdet_d[:B], h[:B]
+
+        z = z.reshape(B, T, F, d)
+        logdet = logdet_s + logdet_d.reshape(B, T, F * d).sum(-1)  # [B, T]
+        nll = 0.5 * z.to(logdet.dtype).square().sum((2, 3)) + HALF_LOG_2PI * F * d - logdet
+        if frame_mask is not None:
+            nll = nll * frame_mask
+        features = h.reshape(B, T, F, -1).mean(2)  # [B, T, D]
+        reward, term = self.heads(features[:, 1:].detach())
+        return FlowOutput(z, logdet, nll, features, reward, term), u
+
+    def forward(self, x_tilde: torch.Tensor, actions: torch.Tensor, drop_actions: torch.Tensor | None = None,
+                frame_mask: torch.Tensor | None = None) -> FlowOutput:
+        """Data -> noise with exact per-frame likelihood, plus the reward/termination heads.
+
+        x_tilde float [B, T, C, H, W] (~[-1, 1], noise-augmented); actions int64 [B, T-1] or float
+        [B, T-1, k] (a_t leads from frame t to t+1); drop_actions bool [B] | None: rows whose actions
+        are replaced by NULL (CFG dropout); frame_mask bool [B, T] | None: False = start padding
+        (masked keys in D, zero nll; the first real frame is treated as a sequence start).
+
+        features[:, t] = mean over frame t's F slots of D's final hidden states. Slot j's input is
+        token j-1, so features_t depends on frames < t, on frame t except its last token in raster
+        order, and on actions a_<t (via c_t) -- nothing later. reward/termination_logit[:, t] (the
+        transition frame t --a_t--> frame t+1) read features[:, t+1], detached.
+        """
+        return self._forward(x_tilde, actions, drop_actions, frame_mask)[0]
+
+    def flow_loss(self, out: FlowOutput, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean NLL in nats per dimension minus (1/2) ln 2 pi (STARFLOW_V.md §3), over real frames.
+
+        At init (identity flow) this is 0.5 * mean(x_tilde^2). Its gradient wrt x_tilde is
+        grad(sum NLL) / loss_numel(out, frame_mask).
+        """
+        return out.nll.sum() / self.loss_numel(out, frame_mask) - HALF_LOG_2PI
+
+    def loss_numel(self, out: FlowOutput, frame_mask: torch.Tensor | None = None) -> float | torch.Tensor:
+        """The number of dimensions `flow_loss` averages over: real frames * C*H*W."""
+        dims = self.config.frame_dims
+        if frame_mask is None:
+            return out.nll.numel() * dims
+        return frame_mask.sum().clamp(min=1) * dims
+
+    def head_loss(self, out: FlowOutput, rewards: torch.Tensor, terminations: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Reward + termination loss over valid transitions.
+
+        rewards float [B, T-1]; terminations bool [B, T-1]; mask bool [B, T] (frame mask: a
+        transition counts when both its frames are real) or [B, T-1] (transition mask) or None.
+        """
+        if mask is not None and mask.shape[1] == out.nll.shape[1]:
+            mask = mask[:, :-1] & mask[:, 1:]
+        return self.heads.loss(out.reward, out.termination_logit, rewards, terminations, mask)
+
+    # -- frame-by-frame generation ------------------------------------------------------------------
+
+    def empty_state(self, batch: int, capacity: int | None = None, cfg: bool = False) -> GenerationState:
+        """A state with no frames (the next frame is a sequence start)."""
+        c = self.config
+        capacity = capacity or c.max_frames
+        B2 = 2 * batch if cfg else batch
+        cache = self.deep.new_cache(B2, capacity * c.tokens_per_frame, self.dtype, self.device)
+        a_shape = (batch, capacity) if c.action_kind == "discrete" else (batch, capacity, c.action_dim)
+        return GenerationState(
+            cache,
+            last_token=torch.zeros(batch, c.token_dim, dtype=self.dtype, device=self.device),
+            last_valid=torch.zeros(batch, dtype=torch.bool, device=self.device),
+            prev_tokens=None, num_frames=0, capacity=capacity, cfg=cfg,
+            history_x=torch.zeros(batch, capacity, c.channels, c.frame_size, c.frame_size, dtype=self.dtype,
+                                  device=self.device),
+            history_a=torch.zeros(a_shape, dtype=torch.long if c.action_kind == "discrete" else self.dtype,
+                                  device=self.device),
+            history_mask=torch.zeros(batch, capacity, dtype=torch.bool, device=self.device),
+        )
+
+    @torch.no_grad()
+    def encode_context(self, x_tilde: torch.Tensor, actions: torch.Tensor, frame_mask: torch.Tensor | None = None,
+                       cfg: bool = False, capacity: int | None = None) -> tuple[GenerationState, FlowOutput]:
+        """One forward pass over a context clip that fills D's per-layer KV caches.
+
+        x_tilde [B, T0, C, H, W]; actions [B, T0-1(, k)]; frame_mask bool [B, T0] | None (left
+        padding); cfg: also encode the unconditional (NULL-action) half for guided generation;
+        capacity: frames the state can hold (default max_frames). Returns (state, FlowOutput of the
+        context, conditional half). The state's frame indices restart at 0 (RoPE is relative).
+        """
+        B, T0 = x_tilde.shape[:2]
+        capacity = capacity or self.config.max_frames
+        if T0 > capacity:
+            raise ValueError(f"encode_context: {T0} context frames > capacity {capacity}")
+        state = self.empty_state(B, capacity, cfg)
+        out, u = self._forward(x_tilde, actions, None, frame_mask, state.cache, cfg)
+        fm = torch.ones(B, T0, dtype=torch.bool, device=x_tilde.device) if frame_mask is None else frame_mask
+        state.last_token = u[:, -1, -1].clone()
+        state.last_valid = fm[:, -1].clone()
+        state.prev_tokens = u[:, -1].clone()
+        state.num_frames = T0
+        state.history_x[:, :T0] = x_tilde
+        if T0 > 1:
+            state.history_a[:, :T0 - 1] = actions.to(state.history_a.dtype)
+        state.history_mask[:, :T0] = fm
+        return state, out
+
+    @torch.no_grad()
+    def reencode(self, state: GenerationState, keep: int) -> tuple[GenerationState, FlowOutput]:
+        """Bounded window: re-encode the last `keep` frames of a state into a fresh state (exact)."""
+        n = state.num_frames
+        keep = min(keep, n)
+        x = state.history_x[:, n - keep:n]
+        a = state.history_a[:, n - keep:n - 1]
+        m = state.history_mask[:, n - keep:n]
+        return self.encode_context(x, a, m, cfg=state.cfg, capacity=state.capacity)
+
+    def invert_shallow(self, u: torch.Tensor, method: str = "jacobi", jacobi: JacobiConfig | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """S_1^-1 .. S_K^-1 on single frames: u [B, F, d] (D-input space) -> (x tokens [B, F, d],
+        logdet [B] of the shallow blocks at the solution, passes)."""
+        B, F, d = u.shape
+        cos, sin = self.rope(0, 1)
+        logdet = torch.zeros(B, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
+        passes = 0
+        first = None
+        for block in reversed(self.shallow):
+            cache = block.new_cache(B, F, u.dtype, u.device)
+            v_in = block.permutation(u)
+            first = block.sos.to(u.dtype).expand(B, -1)
+            if method == "sequential":
+                inv = invert_sequential(block, cache, first, v_in, None, cos, sin)
+            else:
+                jc = jacobi or JacobiConfig()
+                inv = invert_jacobi(block, cache, first, v_in, None, cos, sin, jc, jc.block_size_first)
+            passes += inv.passes
+            logdet = logdet - torch.log(inv.a).sum((1, 2))
+            u = block.permutation(inv.u)
+        return u, logdet, passes
+
+    @torch.no_grad()
+    def generate_frame(self, state: GenerationState, action: torch.Tensor | None, noise: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None, method: str = "jacobi",
+                       jacobi: JacobiConfig | None = None, cfg_scale: float = 0.0,
+                       temperature: float = 1.0) -> FrameSample:
+        """Generate the next frame of every row and append it to `state`.
+
+        action int64 [B] | float [B, k] (a_{t-1}, leading from the newest frame; ignored for rows
+        without a real frame, which start a sequence); noise [B, F, d] | None (v; drawn from
+        `generator` when None), scaled by temperature; method "jacobi" | "sequential"; cfg_scale w
+        needs a state encoded with cfg=True.
+        """
+        c = self.config
+        F, d, B = c.tokens_per_frame, c.token_dim, state.batch
+        if state.full:
+            raise RuntimeError(f"generation state is full ({state.capacity} frames): re-encode a window "
+                               f"with StarFlowV.reencode(state, keep) first")
+        if cfg_scale != 0 and not state.cfg:
+            raise ValueError("cfg_scale != 0 needs a state encoded with cfg=True")
+        if method not in ("jacobi", "sequential"):
+            raise ValueError(f"method={method!r}: expected 'jacobi' or 'sequential'")
+        if noise is None:
+            noise = torch.randn(B, F, d, generator=generator, device=self.device, dtype=self.dtype)
+        v = noise.to(self.dtype) * temperature
+        has_prev = state.last_valid
+        add = self.action_embed.step_conditioning(action, has_prev)  # [B, D]
+        if state.cfg:
+            add = torch.cat([add, self.action_embed.step_conditioning(None, has_prev, null=True)])
+        add = add[:, None].to(self.dtype)  # [B2, 1, D]
+        first = torch.where(has_prev[:, None], state.last_token, self.deep.sos.to(self.dtype))
+        cos, sin = self.rope(state.num_frames, 1)
+        cache = state.cache
+        cache.set_valid(torch.ones(cache.batch, dtype=torch.bool, device=self.device), F)
+        if method == "sequential":
+            inv = invert_sequential(self.deep, cache, first, v, add, cos, sin, state.cfg, cfg_scale)
+        else:
+            jc = jacobi or JacobiConfig()
+            init = None
+            if jc.warm_start and state.prev_tokens is not None:
+                init = torch.where(has_prev[:, None, None], state.prev_tokens, v)
+            chunk = jc.block_size_first if state.num_frames == 0 else jc.block_size
+            inv = invert_jacobi(self.deep, cache, first, v, add, cos, sin, jc, chunk, init, state.cfg, cfg_scale)
+        u = inv.u  # [B, F, d] deep-input space (D uses the identity permutation)
+        z = (u.to(inv.a.dtype) - inv.b) / inv.a
+        x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi)
+        nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * d + torch.log(inv.a).sum((1, 2)) - logdet_s
+        features = inv.h.mean(1)  # [B, D]
+        reward, term = self.heads(features)
+        x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
+
+        t = state.num_frames
+        if t > 0 and action is not None:
+            state.history_a[:, t - 1] = action.to(state.history_a.dtype)
+        state.history_x[:, t] = x_tilde
+        state.history_mask[:, t] = True
+        state.last_token, state.prev_tokens = u[:, -1].clone(), u
+        state.last_valid = torch.ones_like(has_prev)
+        state.num_frames = t + 1
+        return FrameSample(x_tilde, nll, features, reward, term, inv.iterations, inv.passes, shallow_passes)
+
+    @torch.no_grad()
+    def invert(self, z: torch.Tensor, actions: torch.Tensor, method: str = "sequential",
+               jacobi: JacobiConfig | None = None) -> torch.Tensor:
+        """Whole-model inverse: z [B, T, F, d] and actions [B, T-1(, k)] -> x_tilde [B, T, C, H, W]."""
+        B, T = z.shape[:2]
+        state = self.empty_state(B, capacity=max(T, 1))
+        frames = []
+        for t in range(T):
+            a = actions[:, t - 1] if t > 0 else None
+            frames.append(self.generate_frame(state, a, noise=z[:, t], method=method, jacobi=jacobi).x_tilde)
+        return torch.stack(frames, 1)
+
+
+class WorldModel(nn.Module):
+    """The flow (with heads) and its flow-score-matching denoiser, built from one config."""
+
+    def __init__(self, config: StarFlowVConfig):
+        super().__init__()
+        self.config = config
+        self.flow = StarFlowV(config)
+        self.denoiser = FlowScoreDenoiser(config)
+
+    def flow_parameters(self):
+        """Parameters of the flow and the heads (the main optimiser)."""
+        return self.flow.parameters()
+
+    def denoiser_parameters(self):
+        """Parameters of the denoiser (its own optimiser; no gradient reaches the flow)."""
+        return self.denoiser.parameters()

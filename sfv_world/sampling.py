@@ -1,0 +1,169 @@
+"""Inverting flow blocks: exact sequential inversion and video-aware block Jacobi (STARFLOW_V.md §5).
+
+Both solve, for the n slots of one frame (or chunk), the triangular system
+
+    u_j = mu_j(u_<j) + sigma_j(u_<j) * v_j        (mu, sigma) = (b, a), or their CFG combination
+
+with the block's per-layer KV cache holding every committed slot. Everything is batched over B; the
+only Python loops are over tokens (sequential) or over chunks and Jacobi iterations.
+
+Conventions: `first` [B, d] is the input of the first new slot (the previous token, or e_sos);
+`v` [B, n, d] is the noise in slot (permuted) order; `add` [B2, 1, D] | None is the additive
+condition of the new slots, with B2 = 2B for CFG ([cond; uncond] doubled batch) and B otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sfv_world.flow import FlowBlock, KVCache, guidance
+
+JACOBI_KEYS = ("block_size_first", "block_size", "threshold", "max_iter", "warm_start")
+
+
+@dataclass
+class JacobiConfig:
+    """Video-aware block Jacobi (STARFLOW_V.md §5.3); keys match configs/sampler/jacobi.yaml.
+
+    block_size_first: chunk size (tokens) while generating the first frame of a sequence.
+    block_size:       chunk size for later frames (4x block_size_first in the release).
+    threshold:        tau; a sample's chunk has converged when mean((new-old)^2)/mean(new^2) <= tau.
+    max_iter:         Jacobi iterations per chunk at most (n+1 iterations make any chunk exact).
+    warm_start:       start frame t's chunk from frame t-1's tokens at the same spatial positions.
+    """
+
+    block_size_first: int = 16
+    block_size: int = 64
+    threshold: float = 1e-3
+    max_iter: int = 32
+    warm_start: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JacobiConfig":
+        """Build from a sampler config (extra keys such as method/cfg/temperature are ignored)."""
+        missing = [k for k in JACOBI_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"JacobiConfig: missing keys {missing}")
+        return cls(**{k: d[k] for k in JACOBI_KEYS})
+
+
+@dataclass
+class Inversion:
+    """Result of inverting n slots of one block.
+
+    u [B, n, d] solution in slot order; a, b [B, n, d] (>= float32) conditional affine parameters
+    of the last pass (exact for the committed u in the sequential sampler, and in Jacobi for every
+    sample whose chunk converged before the chunk's last pass); h [B, n, D] conditional hidden
+    states; passes: block forward calls; iterations [B] int64: Jacobi iterations per sample
+    (summed over chunks; = n for sequential).
+    """
+
+    u: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    h: torch.Tensor
+    passes: int
+    iterations: torch.Tensor
+
+
+def _affine_step(block: FlowBlock, s: torch.Tensor, add: torch.Tensor | None, cos, sin, cache: KVCache,
+                 cfg: bool, cfg_scale: float):
+    """One cached pass over slots s [B, n, d]. Returns (mu, sigma, a_c, b_c, h_c)."""
+    B = s.shape[0]
+    if cfg:
+        s = torch.cat([s, s], dim=0)  # both halves follow the guided trajectory
+    a, b, h = block.step(s, add, cos, sin, cache)
+    if not cfg:
+        return b, a, a, b, h
+    a_c, a_u, b_c, b_u = a[:B], a[B:], b[:B], b[B:]
+    mu, sigma = guidance(b_c, a_c, b_u, a_u, cfg_scale) if cfg_scale != 0 else (b_c, a_c)
+    return mu, sigma, a_c, b_c, h[:B]
+
+
+def invert_sequential(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torch.Tensor,
+                      add: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                      cfg: bool = False, cfg_scale: float = 0.0) -> Inversion:
+    """Exact token-by-token inversion with the KV cache (the reference sampler). Commits n slots."""
+    B, n, d = v.shape
+    u = torch.empty_like(v)
+    a_all = torch.empty(B, n, d, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
+    b_all = torch.empty_like(a_all)
+    h_all = None
+    s = first[:, None]  # [B, 1, d]
+    for j in range(n):
+        mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[j:j + 1], sin[j:j + 1], cache, cfg, cfg_scale)
+        cache.advance(1)
+        u[:, j:j + 1] = (mu + sigma * v[:, j:j + 1]).to(v.dtype)
+        a_all[:, j:j + 1], b_all[:, j:j + 1] = a_c, b_c
+        if h_all is None:
+            h_all = torch.empty(B, n, h.shape[-1], dtype=h.dtype, device=h.device)
+        h_all[:, j:j + 1] = h
+        s = u[:, j:j + 1]
+    iters = torch.full((B,), n, dtype=torch.long, device=v.device)
+    return Inversion(u, a_all, b_all, h_all, n, iters)
+
+
+def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torch.Tensor,
+                  add: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, config: JacobiConfig,
+                  chunk: int, init: torch.Tensor | None = None, cfg: bool = False,
+                  cfg_scale: float = 0.0) -> Inversion:
+    """Block Jacobi: Gauss-Seidel over chunks of `chunk` slots, Jacobi iterations inside a chunk.
+
+    init [B, n, d] | None: the initial guess (warm start: the previous frame's tokens); default v.
+    Per sample: once a sample's relative change is <= threshold its chunk values are frozen (its
+    later passes then recompute its cache entries from the committed values); the chunk ends when
+    every sample has converged or after max_iter passes. Not advancing the cache between
+    iterations is the KV rollback. Commits n slots.
+    """
+    B, n, d = v.shape
+    u = (v if init is None else init).clone()
+    a_all = torch.empty(B, n, d, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
+    b_all = torch.empty_like(a_all)
+    h_all = None
+    iters = torch.zeros(B, dtype=torch.long, device=v.device)
+    passes = 0
+    start = 0
+    while start < n:
+        m = min(chunk, n - start)
+        sl = slice(start, start + m)
+        prev = first[:, None] if start == 0 else u[:, start - 1:start]  # [B, 1, d], exact (committed)
+        v_c = v[:, sl]
+        done = torch.zeros(B, dtype=torch.bool, device=v.device)
+        for _ in range(max(1, config.max_iter)):
+            old = u[:, sl]
+            s = torch.cat([prev, old[:, :-1]], dim=1)  # [B, m, d]
+            mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[sl], sin[sl], cache, cfg, cfg_scale)
+            passes += 1
+            new = mu + sigma * v_c  # [B, m, d] (>= float32)
+            old_a = old.to(new.dtype)
+            delta = (new - old_a).square().mean((1, 2)) / new.square().mean((1, 2)).clamp_min(1e-30)
+            active = ~done
+            iters += active
+            u[:, sl] = torch.where(active[:, None, None], new.to(u.dtype), old)
+            done = done | (delta <= config.threshold)
+            if bool(done.all()):
+                break
+        cache.advance(m)
+        a_all[:, sl], b_all[:, sl] = a_c, b_c
+        if h_all is None:
+            h_all = torch.empty(B, n, h.shape[-1], dtype=h.dtype, device=h.device)
+        h_all[:, sl] = h
+        start += m
+    return Inversion(u, a_all, b_all, h_all, passes, iters)
+
+
+def invert_uncached(block: FlowBlock, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    add: torch.Tensor | None = None, sos_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference inversion with a full recompute per token and no cache (tests only; O(N^2) passes).
+
+    v [B, N, d] natural order (the block's output); add [B, N, D] | None. Returns u [B, N, d].
+    """
+    v_in = block.permutation(v)
+    u_in = torch.zeros_like(v_in)
+    for j in range(v.shape[1]):
+        s = block.shift(u_in[:, :j + 1], None if sos_mask is None else sos_mask[:, :j + 1])
+        h = block.hidden(s, None if add is None else add[:, :j + 1], cos[:j + 1], sin[:j + 1])
+        a, b = block.affine(h[:, j:j + 1])
+        u_in[:, j:j + 1] = (b + a * v_in[:, j:j + 1]).to(u_in.dtype)
+    return block.permutation(u_in)
