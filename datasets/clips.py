@@ -7,9 +7,11 @@ copies of frame 0 (or zeros) with ``mask`` False, and missing transitions are ac
 termination False.
 
 Reading strategy (measured in ``benchmarks/clip_loading.py``): a dataset whose decoded frames fit
-``memory_budget_gb`` is loaded into RAM once; a larger one streams from the chunked HDF5 file through
-an LRU cache of decoded episodes. The HDF5 file is opened lazily in each process, so the dataset works
-with DataLoader workers.
+``memory_budget_gb`` is loaded into RAM once; a larger one streams from the chunked HDF5 file: a
+window decodes only the (<= 32-frame, never cross-episode) chunks it covers, through an LRU cache of
+decoded chunks. On random windows that is ~7x faster than decoding whole episodes into an episode
+cache, and episode-ordered access still hits the cache. The HDF5 file is opened lazily in each
+process, so the dataset works with DataLoader workers.
 """
 
 from __future__ import annotations
@@ -80,13 +82,14 @@ class ClipDataset(Dataset):
             with fewer than T frames are skipped.
         pad_mode: "repeat" (copies of frame 0) or "zeros" for padded frames.
         memory_budget_gb: load everything into RAM when the decoded frames fit; otherwise stream.
-        cache_episodes: LRU size (episodes) when streaming; default a quarter of the budget.
+        cache_mb: size of the LRU cache of decoded chunks when streaming (per process); default a
+            quarter of the budget, at least 64 MB.
     """
 
     def __init__(self, reader: DatasetReader | str | os.PathLike, episode_ids: Sequence[int] | None,
                  clip_len: int, frame_size: int | None = None, pad_start: bool = False,
                  pad_mode: Literal["repeat", "zeros"] = "repeat", memory_budget_gb: float = 4.0,
-                 cache_episodes: int | None = None):
+                 cache_mb: float | None = None):
         self.reader = reader if isinstance(reader, DatasetReader) else DatasetReader(reader)
         if clip_len < 2:
             raise ValueError(f"ClipDataset: clip_len must be >= 2, got {clip_len}")
@@ -117,15 +120,17 @@ class ClipDataset(Dataset):
         budget = int(memory_budget_gb * 2**30)
         self.in_memory = self.memory_bytes <= budget
         self._frames: dict[int, np.ndarray] = {}
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._chunk_frames: dict[int, int] = {}
         if self.in_memory:
             for e in ids:
                 if self.num_windows_per_episode[e] > 0:
                     self._frames[e] = self._load_frames(e)
-            self.cache_episodes = 0
+            self.cache_bytes_max = 0
         else:
-            mean_ep = self.memory_bytes / max(len(ids), 1)
-            self.cache_episodes = int(cache_episodes) if cache_episodes else max(2, int(budget / 4 / mean_ep))
+            mb = cache_mb if cache_mb is not None else max(64.0, budget / 4 / 2**20)
+            self.cache_bytes_max = int(mb * 2**20)
 
     # -- index ----------------------------------------------------------------------------------------
     def _num_windows(self, num_frames: int) -> int:
@@ -154,18 +159,46 @@ class ClipDataset(Dataset):
             frames = area_resize(frames, self.frame_size)
         return frames
 
+    def _chunk_len(self, eid: int) -> int:
+        if eid not in self._chunk_frames:
+            chunks = self.reader.h5[f"episode_{eid}/observations"].chunks
+            self._chunk_frames[eid] = int(chunks[0]) if chunks else self.reader.episode_lengths[eid] + 1
+        return self._chunk_frames[eid]
+
+    def _chunk(self, eid: int, c: int, chunk_len: int) -> np.ndarray:
+        """Decoded (and resized) chunk ``c`` of episode ``eid``'s frames, through the LRU cache."""
+        key = (eid, c)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        n = self.reader.episode_lengths[eid] + 1
+        frames = self.reader.read_frames(eid, c * chunk_len, min((c + 1) * chunk_len, n))
+        if self.frame_size is not None:
+            frames = area_resize(frames, self.frame_size)
+        self._cache[key] = frames
+        self._cache_bytes += frames.nbytes
+        while self._cache_bytes > self.cache_bytes_max and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
+        return frames
+
+    def frames(self, eid: int, start: int, stop: int) -> np.ndarray:
+        """Frames ``start:stop`` (0 <= start < stop <= T+1) of episode ``eid`` as loaded:
+        uint8 [stop-start, H, W, C], resized if asked."""
+        if self.in_memory and eid in self._frames:
+            return self._frames[eid][start:stop]
+        if self.in_memory:
+            return self._load_frames(eid)[start:stop]
+        cl = self._chunk_len(eid)
+        parts = []
+        for c in range(start // cl, (stop - 1) // cl + 1):
+            chunk = self._chunk(eid, c, cl)
+            parts.append(chunk[max(start - c * cl, 0) : min(stop - c * cl, chunk.shape[0])])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def episode_frames(self, eid: int) -> np.ndarray:
         """All frames of episode ``eid`` as loaded: uint8 [T+1, H, W, C] (resized if asked)."""
-        if self.in_memory:
-            return self._frames[eid] if eid in self._frames else self._load_frames(eid)
-        if eid in self._cache:
-            self._cache.move_to_end(eid)
-            return self._cache[eid]
-        frames = self._load_frames(eid)
-        self._cache[eid] = frames
-        while len(self._cache) > self.cache_episodes:
-            self._cache.popitem(last=False)
-        return frames
+        return self.frames(eid, 0, self.reader.episode_lengths[eid] + 1)
 
     # -- items ----------------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -178,16 +211,16 @@ class ClipDataset(Dataset):
         """The window of episode ``eid`` whose first frame is ``start`` (see the class docstring)."""
         T = self.clip_len
         steps = self._steps[eid]
-        frames_all = self.episode_frames(eid)
+        n_frames = self.reader.episode_lengths[eid] + 1
         pad = max(-start, 0)
         s = max(start, 0)
-        if s + T - pad > frames_all.shape[0]:
-            raise IndexError(f"window (episode {eid}, start {start}) runs past the episode's "
-                             f"{frames_all.shape[0]} frames")
-        real = frames_all[s : s + T - pad]  # [T - pad, H, W, C]
+        if pad >= T or s + T - pad > n_frames:
+            raise IndexError(f"window (episode {eid}, start {start}) of {T} frames does not fit the "
+                             f"episode's {n_frames} frames")
+        real = self.frames(eid, s, s + T - pad)  # [T - pad, H, W, C]
         if pad:
-            fill = np.repeat(frames_all[:1], pad, axis=0) if self.pad_mode == "repeat" else \
-                np.zeros((pad, *frames_all.shape[1:]), np.uint8)
+            fill = np.repeat(real[:1], pad, axis=0) if self.pad_mode == "repeat" else \
+                np.zeros((pad, *real.shape[1:]), np.uint8)
             real = np.concatenate([fill, real])
         mask = np.ones(T, bool)
         mask[:pad] = False
@@ -211,6 +244,6 @@ class ClipDataset(Dataset):
         }
 
     def __repr__(self) -> str:
-        mode = "RAM" if self.in_memory else f"streaming (LRU {self.cache_episodes} episodes)"
+        mode = "RAM" if self.in_memory else f"streaming (LRU cache {self.cache_bytes_max / 2**20:.0f} MB of chunks)"
         return (f"ClipDataset({Path(self.reader.path).name}: {len(self.episode_ids)} episodes, "
                 f"{len(self)} windows of {self.clip_len} frames {self.frame_shape}, {mode})")

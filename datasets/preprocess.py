@@ -60,8 +60,7 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _area_resize_kernel(x, y_first, y_count, y_w, x_first, x_count, x_w, out):  # pragma: no cover - jit
+def _area_resize_py(x, y_first, y_count, y_w, x_first, x_count, x_w, out):  # pragma: no cover - jit
     n, h_in, w_in, c = x.shape
     h_out = out.shape[1]
     w_out = out.shape[2]
@@ -87,6 +86,13 @@ def _area_resize_kernel(x, y_first, y_count, y_w, x_first, x_count, x_w, out):  
                     out[f, o, p, ch] = np.uint8((2 * acc + denom) // (2 * denom))
 
 
+# The same kernel compiled twice: serial for a few frames (no thread start-up cost), parallel over
+# frames for batches.
+_area_resize_serial = numba.njit(parallel=False, cache=True, nogil=True)(_area_resize_py)
+_area_resize_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_area_resize_py)
+PARALLEL_MIN_FRAMES = 8
+
+
 _CACHE: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
@@ -110,7 +116,8 @@ def area_resize(frames: np.ndarray, size: Size) -> np.ndarray:
         return frames.copy()
     flat = np.ascontiguousarray(frames.reshape(-1, h_in, w_in, c))
     out = np.empty((flat.shape[0], h_out, w_out, c), np.uint8)
-    _area_resize_kernel(flat, *_axis(h_in, h_out), *_axis(w_in, w_out), out)
+    kernel = _area_resize_parallel if flat.shape[0] >= PARALLEL_MIN_FRAMES else _area_resize_serial
+    kernel(flat, *_axis(h_in, h_out), *_axis(w_in, w_out), out)
     return out.reshape(*lead, h_out, w_out, c)
 
 

@@ -436,15 +436,21 @@ def test_clip_pad_start(dataset, pad_mode) -> None:
     assert int(first["start"]) == -4 and first["mask"].sum() == 1 and not first["actions"].any()
 
 
-def test_clip_streaming_matches_ram_and_works_with_workers(dataset) -> None:
-    path, eps = dataset
-    ram = ClipDataset(path, [0, 1, 3], clip_len=4)
-    stream = ClipDataset(path, [0, 1, 3], clip_len=4, memory_budget_gb=1e-6, cache_episodes=1)
-    assert ram.in_memory and not stream.in_memory and len(ram) == len(stream)
-    for i in [0, len(ram) - 1, 5, 1, 7]:
-        a, b = ram[i], stream[i]
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(stream._cache) == 1
+def test_clip_streaming_matches_ram_and_works_with_workers(tmp_path: Path) -> None:
+    path = tmp_path / "ds"
+    eps = write_dataset(path, chunk_frames=4)  # windows span several chunks
+    chunk_bytes = 4 * int(np.prod(FRAME))
+    for kw in ({}, {"pad_start": True}, {"frame_size": 6}):
+        ram = ClipDataset(path, [0, 1, 3], clip_len=6, **kw)
+        stream = ClipDataset(path, [0, 1, 3], clip_len=6, memory_budget_gb=1e-6,
+                             cache_mb=2.5 * chunk_bytes / 2**20, **kw)
+        assert ram.in_memory and not stream.in_memory and len(ram) == len(stream)
+        order = np.random.default_rng(0).permutation(len(ram))
+        for i in order:
+            a, b = ram[int(i)], stream[int(i)]
+            assert all(torch.equal(a[k], b[k]) for k in a), (kw, i)
+        assert len(stream._cache) >= 1 and 0 < stream._cache_bytes <= stream.cache_bytes_max
+    stream = ClipDataset(path, [0, 1, 3], clip_len=4, memory_budget_gb=1e-6)
     loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     batches = list(loader)
