@@ -308,7 +308,8 @@ class EpisodeWriter:
                 raise ValueError(f"add_episode: field 'actions' has dtype {arrays['actions'].dtype}, "
                                  f"expected integers for {self.action_space}")
             arrays["actions"] = arrays["actions"].astype(store_dtype)
-        if arrays["actions"].ndim >= 2:
+        if action_storage_shape(self.action_space) and arrays["actions"].ndim >= 1:
+            # Box / MultiDiscrete: [T, *shape] -> [T, k] (a scalar Box gives [T] -> [T, 1])
             arrays["actions"] = arrays["actions"].reshape(arrays["actions"].shape[0], -1)
         problem = _layout_problems(arrays, self.action_space, self.frame_shape)
         if problem is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -104,13 +103,13 @@ def test_collect_is_reproducible(tmp_path: Path) -> None:
         return _arrays(tmp_path / name)
 
     a, b, c = run("a", 0), run("b", 0), run("c", 1)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for field in ("observations", "actions", "rewards", "terminations", "truncations"):
             np.testing.assert_array_equal(x[field], y[field])
     assert any(len(x["actions"]) != len(y["actions"]) or not np.array_equal(x["actions"], y["actions"])
-               for x, y in zip(a, c))
+               for x, y in zip(a, c, strict=True))
     s1, s2 = run("s1", 5, StickyRandomPolicy, p=0.5), run("s2", 5, StickyRandomPolicy, p=0.5)
-    assert all(np.array_equal(x["actions"], y["actions"]) for x, y in zip(s1, s2))
+    assert all(np.array_equal(x["actions"], y["actions"]) for x, y in zip(s1, s2, strict=True))
 
 
 def test_collect_stops_at_max_frames_and_max_episode_steps(tmp_path: Path) -> None:
@@ -190,7 +189,7 @@ def test_sb3_epsilon_greedy_policy(tmp_path: Path) -> None:
     greedy.reset(seed=0)
     stacked = [np.concatenate([np.zeros_like(frames[0]), frames[0]], -1)] + \
         [np.concatenate([frames[i - 1], frames[i]], -1) for i in range(1, 6)]
-    for f, obs in zip(frames, stacked):
+    for f, obs in zip(frames, stacked, strict=True):
         expected, _ = model.predict(obs, deterministic=True)
         assert greedy(f) == int(expected)
     always_random = SB3EpsilonGreedyPolicy(None, space, epsilon=1.0, frame_stack=2, seed=1, model=model)

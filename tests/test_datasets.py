@@ -67,8 +67,9 @@ def dataset(tmp_path: Path) -> tuple[Path, list[dict]]:
 
 
 @pytest.mark.parametrize("space", [spaces.Discrete(4), spaces.Discrete(3, start=-1),
-                                   spaces.Box(-1.0, 2.0, (2,), np.float32), spaces.MultiDiscrete([3, 5])],
-                         ids=["discrete", "discrete-start", "box", "multidiscrete"])
+                                   spaces.Box(-1.0, 2.0, (2,), np.float32), spaces.Box(0.0, 1.0, (2, 2), np.float32),
+                                   spaces.MultiDiscrete([3, 5])],
+                         ids=["discrete", "discrete-start", "box", "box-2d", "multidiscrete"])
 def test_round_trip(tmp_path: Path, space: spaces.Space) -> None:
     eps = write_dataset(tmp_path / "ds", space)
     r = DatasetReader(tmp_path / "ds")
@@ -504,8 +505,11 @@ def test_split_is_disjoint_deterministic_and_by_episode() -> None:
 def test_split_feeds_disjoint_clip_datasets(dataset) -> None:
     path, _ = dataset
     splits = split_episodes(DatasetReader(path).episode_ids, 0.25, 0.25, seed=0)
-    sets = {k: {int(ClipDataset(path, v, clip_len=2)[i]["episode"]) for i in range(len(ClipDataset(path, v, clip_len=2)))}
-            for k, v in splits.items()}
+    sets = {}
+    for name, ids in splits.items():
+        ds = ClipDataset(path, ids, clip_len=2)
+        sets[name] = {int(ds[i]["episode"]) for i in range(len(ds))}
+    assert sets["train"] and sets["train"] | sets["val"] | sets["test"] == set(range(4))
     assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"])
 
 
