@@ -10,11 +10,19 @@ Compares: numpy ms/frame divided by numba ms/frame (speed-up), and checks both g
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# Same thread budget for both sides: the numpy reference's BLAS would otherwise spin several threads
+# per matrix product (set --blas-threads 0 to keep the BLAS default).
+_BLAS = next((a.split("=")[1] for a in sys.argv if a.startswith("--blas-threads=")), "1")
+if _BLAS != "0":
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = _BLAS
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
@@ -39,6 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--blas-threads", type=int, default=1, help="BLAS threads for numpy (0: library default); "
+                    "pass as --blas-threads=N")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -53,8 +63,9 @@ def main() -> None:
                          "speed-up (numpy/numba)": t_np / t_nb, "identical": True})
     write_results("resize", rows, title=f"Area resize to {args.size}x{args.size}: numba vs numpy",
                   config=vars(args),
-                  compares="Speed-up = numpy reference time / numba kernel time, same inputs, same process; "
-                           "best of N repeats after a warm-up. Outputs are bit-identical.")
+                  compares="Speed-up = numpy reference time / numba kernel time (one thread), same inputs, "
+                           "same process, best of N repeats after a warm-up; numpy's BLAS limited to "
+                           "--blas-threads threads. Outputs are bit-identical.")
 
 
 if __name__ == "__main__":

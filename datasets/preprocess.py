@@ -65,7 +65,7 @@ def _area_resize_py(x, y_first, y_count, y_w, x_first, x_count, x_w, out):  # pr
     h_out = out.shape[1]
     w_out = out.shape[2]
     denom = np.int64(h_in) * np.int64(w_in)
-    for f in numba.prange(n):
+    for f in range(n):
         # horizontal pass: tmp[i, p, ch] = sum_j ov_x[p, j] * x[f, i, j, ch]  (exact integers)
         tmp = np.zeros((h_in, w_out, c), np.int64)
         for i in range(h_in):
@@ -86,11 +86,10 @@ def _area_resize_py(x, y_first, y_count, y_w, x_first, x_count, x_w, out):  # pr
                     out[f, o, p, ch] = np.uint8((2 * acc + denom) // (2 * denom))
 
 
-# The same kernel compiled twice: serial for a few frames (no thread start-up cost), parallel over
-# frames for batches.
-_area_resize_serial = numba.njit(parallel=False, cache=True, nogil=True)(_area_resize_py)
-_area_resize_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_area_resize_py)
-PARALLEL_MIN_FRAMES = 8
+# Serial on purpose: numba's parallel=True picks the GNU OpenMP threading layer here, which aborts a
+# forked DataLoader worker once the parent has used it, and splitting batches over a thread pool
+# measured no faster on the 2-core machines (benchmarks/resize.py). Parallelism comes from processes.
+_area_resize_kernel = numba.njit(cache=True, nogil=True)(_area_resize_py)
 
 
 _CACHE: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -116,8 +115,7 @@ def area_resize(frames: np.ndarray, size: Size) -> np.ndarray:
         return frames.copy()
     flat = np.ascontiguousarray(frames.reshape(-1, h_in, w_in, c))
     out = np.empty((flat.shape[0], h_out, w_out, c), np.uint8)
-    kernel = _area_resize_parallel if flat.shape[0] >= PARALLEL_MIN_FRAMES else _area_resize_serial
-    kernel(flat, *_axis(h_in, h_out), *_axis(w_in, w_out), out)
+    _area_resize_kernel(flat, *_axis(h_in, h_out), *_axis(w_in, w_out), out)
     return out.reshape(*lead, h_out, w_out, c)
 
 

@@ -521,3 +521,16 @@ def test_partial_folder_is_cleaned_on_overwrite(tmp_path: Path) -> None:
     assert path.is_dir() and not partial.exists()
     shutil.rmtree(path)
     assert not os.path.exists(path)
+
+
+def test_resize_in_forked_dataloader_workers(tmp_path: Path) -> None:
+    """Resizing in the parent and then in forked workers must not abort them (numba/OpenMP fork safety)."""
+    path = tmp_path / "ds"
+    write_dataset(path, chunk_frames=4)
+    area_resize(np.zeros((32, 24, 24, 3), np.uint8), 8)  # the parent uses the kernel on a batch first
+    ram = ClipDataset(path, None, clip_len=3, frame_size=6)
+    stream = ClipDataset(path, None, clip_len=3, frame_size=6, memory_budget_gb=1e-9)
+    loader = torch.utils.data.DataLoader(stream, batch_size=5, num_workers=2)
+    frames = torch.cat([b["frames"] for b in loader])
+    assert frames.shape == (len(ram), 3, 3, 6, 6)
+    assert torch.equal(frames, torch.stack([ram[i]["frames"] for i in range(len(ram))]))
