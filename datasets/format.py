@@ -353,11 +353,17 @@ class EpisodeWriter:
             return self.path
         self._metadata["sfv_world"]["complete"] = True
         self._commit()
+        old = None
         if self.path.exists():
             if not self.overwrite:
                 raise FileExistsError(f"dataset {self.path} appeared while writing; the data is in {self.temp_path}")
-            shutil.rmtree(self.path)
+            old = self.path.with_name(self.path.name + ".replaced")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.path, old)  # the old dataset goes only once the new one is in place
         os.replace(self.temp_path, self.path)
+        if old is not None:
+            shutil.rmtree(old)
         self._closed = True
         return self.path
 
@@ -477,6 +483,9 @@ class DatasetReader:
             try:
                 self._h5 = h5py.File(self.data_file, "r", rdcc_nbytes=16 * 2**20)
             except OSError as e:
+                if "lock" in str(e).lower():
+                    raise DatasetError(self.data_file, f"the file is locked by another process (is a collector "
+                                       f"still writing it?) ({e})") from e
                 raise DatasetError(self.data_file, f"truncated or corrupt HDF5 file ({e})") from e
             self._h5_pid = os.getpid()
         return self._h5

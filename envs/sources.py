@@ -23,11 +23,15 @@ from sfv_world.datasets.preprocess import preprocess_frame
 MINIGRID_NAVIGATION_ACTIONS = (0, 1, 2)
 
 
-class ActionSubset(gym.ActionWrapper):
-    """Expose only some actions of a Discrete env: action i of Discrete(len(subset)) -> subset[i]."""
+class ActionSubset(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
+    """Expose only some actions of a Discrete env: action i of Discrete(len(subset)) -> subset[i].
+
+    Its arguments are recorded in ``env.spec`` (so a dataset's ``env_spec`` can rebuild the env).
+    """
 
     def __init__(self, env: gym.Env, subset: Sequence[int]):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, subset=[int(a) for a in subset])
+        gym.ActionWrapper.__init__(self, env)
         if not isinstance(env.action_space, spaces.Discrete):
             raise ValueError(f"action_subset needs a Discrete action space, {env} has {env.action_space}")
         base = env.action_space
@@ -42,7 +46,7 @@ class ActionSubset(gym.ActionWrapper):
         return self.subset[int(action)]
 
 
-class PixelObservation(gym.ObservationWrapper):
+class PixelObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Observations become the dataset's frames: uint8 [frame_size, frame_size, C].
 
     ``frame_source="render"`` takes ``env.render()`` (the env needs ``render_mode="rgb_array"``);
@@ -50,7 +54,8 @@ class PixelObservation(gym.ObservationWrapper):
     """
 
     def __init__(self, env: gym.Env, frame_size: int = 64, frame_source: FrameSource = "render"):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, frame_size=int(frame_size), frame_source=frame_source)
+        gym.ObservationWrapper.__init__(self, env)
         if frame_source not in ("render", "obs"):
             raise ValueError(f"frame_source must be 'render' or 'obs', got {frame_source!r}")
         if frame_source == "render" and env.render_mode != "rgb_array":

@@ -308,6 +308,23 @@ def test_pixel_observation_matches_collector(tmp_path: Path) -> None:
         PixelObservation(gym.make("CartPole-v1"), frame_source="obs")
 
 
+def test_minari_recovers_the_source_env(tmp_path: Path) -> None:
+    """A collected dataset's env_spec (with the ActionSubset wrapper and its arguments) rebuilds the env."""
+    minari = pytest.importorskip("minari", reason="minari (test extra) is needed to prove compatibility")
+    from omegaconf import OmegaConf
+
+    from sfv_world.envs.sources import make_source_env
+
+    env = make_source_env(OmegaConf.load(Path(__file__).parents[1] / "configs" / "env" / "minigrid.yaml"))
+    collect(env, tmp_path / "mg", RandomPolicy(env.action_space), episodes=None, max_frames=20, frame_size=16,
+            progress=False)
+    mds = minari.MinariDataset(tmp_path / "mg" / DATA_DIR)
+    assert mds.total_steps == 20 and mds.env_spec.id == "MiniGrid-Empty-8x8-v0"
+    rebuilt = mds.recover_environment()
+    assert rebuilt.action_space == spaces.Discrete(3) and rebuilt.unwrapped.render_mode == "rgb_array"
+    np.testing.assert_array_equal(mds[0].actions, DatasetReader(tmp_path / "mg").load_episode(0).actions)
+
+
 def test_action_subset_wrapper() -> None:
     from sfv_world.envs.sources import ActionSubset
 
