@@ -483,7 +483,7 @@ class DatasetReader:
             try:
                 self._h5 = h5py.File(self.data_file, "r", rdcc_nbytes=16 * 2**20)
             except OSError as e:
-                if "lock" in str(e).lower():
+                if "unable to lock" in str(e).lower():
                     raise DatasetError(self.data_file, f"the file is locked by another process (is a collector "
                                        f"still writing it?) ({e})") from e
                 raise DatasetError(self.data_file, f"truncated or corrupt HDF5 file ({e})") from e
