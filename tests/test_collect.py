@@ -364,3 +364,27 @@ def test_cli_collect_and_inspect(tmp_path: Path, capsys) -> None:
     assert Image.open(sheet).size == (3 * (32 + 2) + 2, 2 * (32 + 2) + 2)
     with pytest.raises(SystemExit, match="dataset folder does not exist"):
         main(["inspect", str(tmp_path / "nothing")])
+
+
+class StackedCnnEnv(CountingEnv):
+    """HWC observations of 2 stacked 36x36 frames: SB3 wraps it in VecTransposeImage (CHW model input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.observation_space = spaces.Box(0, 255, (36, 36, 6), np.uint8)
+
+
+def test_sb3_cnn_policy_on_stacked_hwc_frames(tmp_path: Path) -> None:
+    from stable_baselines3 import PPO
+
+    model = PPO("CnnPolicy", StackedCnnEnv(), n_steps=8, batch_size=8, device="cpu", seed=0)
+    assert model.observation_space.shape == (6, 36, 36)  # transposed by SB3
+    model.save(tmp_path / "cnn.zip")
+    pol = SB3EpsilonGreedyPolicy(tmp_path / "cnn.zip", spaces.Discrete(3), epsilon=0.0, frame_stack=2)
+    pol.reset(seed=0)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 36, 36, 3), dtype=np.uint8)
+    prev = np.zeros_like(frames[0])
+    for f in frames:
+        expected, _ = model.predict(np.concatenate([prev, f], -1), deterministic=True)
+        assert pol(f) == int(expected)
+        prev = f
