@@ -29,6 +29,8 @@ def machine_info() -> dict[str, Any]:
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "numpy": np.__version__,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        # the benchmark machines are shared: a load above the core count means contended timings
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     for mod in ("torch", "numba", "h5py", "gymnasium", "ale_py"):
         try:
@@ -76,7 +78,8 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], *, title: str, conf
     table = markdown_table(rows, columns)
     md = [f"# {title}", "", compares, "", table, "",
           f"Machine: {machine['cpu']}, {machine['usable_cores']} usable cores, Python {machine['python']}, "
-          f"{machine['platform']}; measured {machine['date_utc']} UTC.",
+          f"{machine['platform']}; measured {machine['date_utc']} UTC, 1-min load average "
+          f"{machine['load_average_1min']} at the end (shared machine: absolute numbers vary, ratios less).",
           "", "Config: `" + json.dumps(config, default=str) + "`", ""]
     md_path = RESULTS / f"{name}.md"
     md_path.write_text("\n".join(md))

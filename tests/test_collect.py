@@ -388,3 +388,17 @@ def test_sb3_cnn_policy_on_stacked_hwc_frames(tmp_path: Path) -> None:
         expected, _ = model.predict(np.concatenate([prev, f], -1), deterministic=True)
         assert pol(f) == int(expected)
         prev = f
+
+
+def test_cli_collect_ctrl_c_says_where_the_data_is(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "sfv-world"
+    path = tmp_path / "cp"
+    proc = subprocess.Popen([str(exe), "collect", "env=cartpole", "collect.episodes=100000", "collect.frame_size=8",
+                             "collect.progress=false", f"dataset={path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_episodes(proc, path, 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"readable in {partial_path_for(path)}" in err and "was not created" in err
+    assert not path.exists() and DatasetReader(partial_path_for(path)).num_episodes >= 2

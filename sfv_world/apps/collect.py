@@ -6,6 +6,7 @@ and runs the collector. Refuses to replace an existing dataset unless ``collect.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,12 @@ def run(cfg: DictConfig) -> int:
                 env_id=cfg.env.id, overwrite=overwrite, progress=bool(ccfg.get("progress", True)),
                 info={"env_name": cfg.env.name,
                       "env_kwargs": OmegaConf.to_container(cfg.env.kwargs, resolve=True) if cfg.env.kwargs else {}})
+    except KeyboardInterrupt:
+        partial = partial_path_for(path)
+        n = DatasetReader(partial).num_episodes if partial.exists() else 0
+        print(f"\nsfv-world collect: interrupted; {n} finished episode(s) are readable in {partial} "
+              f"(`sfv-world inspect {partial}`); {path} was not created", file=sys.stderr)
+        return 130
     finally:
         env.close()
     with DatasetReader(path) as reader:
