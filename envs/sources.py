@@ -120,6 +120,7 @@ def make_source_env(env_cfg: Any, *, render_mode: str | None = None) -> gym.Env:
         gym.register_envs(minigrid)
         if action_subset is None:
             action_subset = list(MINIGRID_NAVIGATION_ACTIONS)
+    render_mode = render_mode or kwargs.pop("render_mode", None)
     if render_mode is None and frame_source == "render":
         render_mode = "rgb_array"
     max_steps = _get(env_cfg, "max_episode_steps")

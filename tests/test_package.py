@@ -70,3 +70,26 @@ def test_cli_help_runs() -> None:
     assert "usage: sfv-world <command>" in out.stdout
     for command in ("collect", "inspect"):
         assert command in out.stdout
+
+
+def test_wheel_contains_every_mapped_package_and_the_configs(tmp_path: Path) -> None:
+    """Build a wheel from a copy of the tree: the mapped folders and the yaml configs must be inside."""
+    import zipfile
+
+    src = tmp_path / "src"
+    keep = ["pyproject.toml", "README.md", "sfv_world", "envs", "agents", "datasets", "configs"]
+    for name in keep:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("sfv_world-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("sfv_world/datasets/format.py", "sfv_world/datasets/clips.py", "sfv_world/envs/sources.py",
+                   "sfv_world/agents/__init__.py", "sfv_world/apps/cli.py", "sfv_world/configs/config.yaml",
+                   "sfv_world/configs/env/cartpole.yaml", "sfv_world/configs/env/minigrid.yaml"):
+        assert module in names, module
+    assert not any(n.startswith(("envs/", "datasets/", "agents/", "configs/")) for n in names)
