@@ -77,6 +77,7 @@ def test_wheel_contains_every_mapped_package_and_the_configs(tmp_path: Path) -> 
     import zipfile
 
     src = tmp_path / "src"
+    src.mkdir()
     keep = ["pyproject.toml", "README.md", "sfv_world", "envs", "agents", "datasets", "configs"]
     for name in keep:
         if (ROOT / name).is_dir():
