@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from sfv_world.datasets.format import EpisodeWriter
 from sfv_world.datasets.policies import Policy
-from sfv_world.datasets.preprocess import preprocess_frame
+from sfv_world.datasets.preprocess import preprocess_frame, to_hwc_uint8
 
 FrameSource = Literal["render", "obs"]
 
@@ -76,9 +76,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _run_episode(env: gym.Env, policy: Policy, seed: int, frame_source: FrameSource, frame_size: int,
-                 max_steps: int | None) -> dict[str, np.ndarray]:
-    """One episode: frames uint8 [T+1, S, S, C], actions [T], rewards, terminations, truncations [T]."""
-    obs, _ = env.reset(seed=seed)
+                 max_steps: int | None, obs: Any = None) -> dict[str, np.ndarray]:
+    """One episode: frames uint8 [T+1, S, S, C], actions [T], rewards, terminations, truncations [T].
+
+    ``obs`` is the observation of an env already reset with ``seed`` (else the env is reset here).
+    """
+    if obs is None:
+        obs, _ = env.reset(seed=seed)
     policy.reset(seed=seed)
     frame = preprocess_frame(get_frame(env, obs, frame_source), frame_size)
     frames, actions, rewards, terms, truncs = [frame], [], [], [], []
@@ -128,9 +132,10 @@ def collect(env: gym.Env, path: str | os.PathLike, policy: Policy, *, episodes: 
                          f"{env} has render_mode={getattr(env, 'render_mode', None)!r}")
     env_id = env_id or (env.spec.id if env.spec is not None else type(env.unwrapped).__name__)
 
-    # the frame shape is known after the first reset: probe it with the first episode's seed
-    obs, _ = env.reset(seed=seed)
-    channels = preprocess_frame(get_frame(env, obs, frame_source), 1).shape[-1]
+    # the frame shape is known after the first reset, which is episode 0's (ALE reloads its ROM on every
+    # seeded reset, ~65 ms: the price of per-episode seeds)
+    first_obs, _ = env.reset(seed=seed)
+    channels = to_hwc_uint8(get_frame(env, first_obs, frame_source)).shape[-1]
     frame_shape = (int(frame_size), int(frame_size), int(channels))
     meta = {"env_id": env_id, "frame_size": int(frame_size), "frame_source": frame_source,
             "seed": int(seed), "policy": _jsonable(policy.describe()),
@@ -150,7 +155,8 @@ def collect(env: gym.Env, path: str | os.PathLike, policy: Policy, *, episodes: 
             if remaining != float("inf"):
                 cap = int(remaining) if cap is None else min(cap, int(remaining))
             ep_seed = int(seed) + stats.episodes
-            ep = _run_episode(env, policy, ep_seed, frame_source, int(frame_size), cap)
+            ep = _run_episode(env, policy, ep_seed, frame_source, int(frame_size), cap, first_obs)
+            first_obs = None
             writer.add_episode(**ep, seed=ep_seed)
             n = len(ep["rewards"])
             stats.episodes += 1
