@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from sfv_world.autoencoder import IdentityCodec
+from sfv_world.denoiser import DENOISER_WINDOW
 
 
 def psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -80,8 +81,7 @@ def open_loop_rollout(
         if sampler.get("denoise", True):
             x_hat = model.denoiser.denoise_latest(torch.stack(window, 1), torch.stack(window_actions, 1))
         dream.append(codec.decode(x_hat))
-        keep = model.denoiser.window if hasattr(model.denoiser, "window") else 2
-        window, window_actions = window[-keep:], window_actions[-(keep - 1):] if keep > 1 else []
+        window, window_actions = window[-DENOISER_WINDOW:], window_actions[-(DENOISER_WINDOW - 1):]
     real = to_hwc_uint8(frames[:, context : context + horizon])
     return real, to_hwc_uint8(torch.stack(dream, 1))
 

@@ -349,7 +349,7 @@ class Trainer:
         self.den_opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             self.skipped_steps += 1
-            return StepResult(float("nan"), float(flow_loss), float(head_loss), float("nan"), float("nan"), True, head_metrics)
+            return StepResult(float("nan"), flow_loss.item(), head_loss.item(), float("nan"), float("nan"), True, head_metrics)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.flow_parameters(), tcfg.grad_clip))
         exploding = self.step >= tcfg.grad_skip_after and grad_norm > tcfg.grad_skip_threshold
@@ -360,7 +360,7 @@ class Trainer:
             self.flow_opt.step()
 
         # flow score matching: target from the same backward pass, detached from the flow
-        g = score_target(x_tilde.grad.detach(), cfg.sigma, x_tilde.grad.numel())
+        g = score_target(x_tilde.grad.detach(), cfg.sigma, self.model.flow.loss_numel(out, mask))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             den_loss = flow_score_matching_loss(self.denoiser_net, x_tilde.detach(), g, batch["actions"], drop_actions=drop)
         den_loss.backward()
@@ -369,7 +369,7 @@ class Trainer:
         self.flow_sched.step()
         self.den_sched.step()
         return StepResult(
-            loss=float(loss), flow_loss=float(flow_loss), head_loss=float(head_loss), denoiser_loss=float(den_loss),
+            loss=loss.item(), flow_loss=flow_loss.item(), head_loss=head_loss.item(), denoiser_loss=den_loss.item(),
             grad_norm=grad_norm, skipped=skipped, metrics=head_metrics,
         )
 
@@ -436,6 +436,8 @@ class Trainer:
         loader = DataLoader(
             self.train_set, batch_size=int(tcfg.batch_size), sampler=self.sampler, drop_last=True,
             num_workers=int(tcfg.num_workers), persistent_workers=False,
+            # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(int(self.cfg.seed)),
         )
         batches = batches_forever(loader, self.sampler, int(tcfg.batch_size))
         logger = RunLogger(self.run_dir / "train") if self.is_main else None
