@@ -25,7 +25,7 @@ class RewardTerminationHead(nn.Module):
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode={reward_mode!r}: expected one of {REWARD_MODES}")
         self.reward_mode = reward_mode
-        self.trunk = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+        self.trunk = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(approximate="tanh"))
         self.reward = nn.Linear(width, 1 if reward_mode == "regression" else 3)
         self.termination = nn.Linear(width, 1)
 
@@ -47,6 +47,7 @@ class RewardTerminationHead(nn.Module):
         """Masked mean of the reward loss (MSE, or cross-entropy over sign classes) plus the
         termination binary cross-entropy. rewards float [B, T-1], terminations bool [B, T-1],
         mask bool [B, T-1] | None. Returns (scalar, metrics)."""
+        reward, termination_logit = reward.float(), termination_logit.float()  # autocast-safe
         m = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
         mf = m.to(termination_logit.dtype)
         n = mf.sum().clamp(min=1.0)

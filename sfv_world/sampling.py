@@ -111,10 +111,16 @@ def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torc
     """Block Jacobi: Gauss-Seidel over chunks of `chunk` slots, Jacobi iterations inside a chunk.
 
     init [B, n, d] | None: the initial guess (warm start: the previous frame's tokens); default v.
-    Per sample: once a sample's relative change is <= threshold its chunk values are frozen (its
-    later passes then recompute its cache entries from the committed values); the chunk ends when
-    every sample has converged or after max_iter passes. Not advancing the cache between
-    iterations is the KV rollback. Commits n slots.
+
+    - Exact prefix: after pass k of a chunk its first k+1 slots are exact (slot j only reads
+      u_<j), so pass k recomputes only slots [k, m) and commits slot k's cache entry; after m
+      passes the whole chunk is exact and the chunk ends whatever the threshold.
+    - Per sample: once a sample's relative change, sum over the chunk of (new-old)^2 over the sum
+      of new^2, is <= threshold its chunk values are frozen (later passes then recompute its cache
+      entries from the committed values). The chunk ends when every sample has converged or
+      after max_iter passes.
+    - KV rollback: uncommitted cache slots are simply overwritten by the next pass.
+    Commits n slots.
     """
     B, n, d = v.shape
     u = (v if init is None else init).clone()
@@ -126,29 +132,30 @@ def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torc
     start = 0
     while start < n:
         m = min(chunk, n - start)
-        sl = slice(start, start + m)
-        prev = first[:, None] if start == 0 else u[:, start - 1:start]  # [B, 1, d], exact (committed)
-        v_c = v[:, sl]
+        base = cache.length
         done = torch.zeros(B, dtype=torch.bool, device=v.device)
-        for _ in range(max(1, config.max_iter)):
+        for it in range(max(1, config.max_iter)):
+            k = it  # slots [start, start+k) are exact and committed
+            sl = slice(start + k, start + m)
+            prev = first[:, None] if start + k == 0 else u[:, start + k - 1:start + k]  # [B, 1, d], exact
             old = u[:, sl]
-            s = torch.cat([prev, old[:, :-1]], dim=1)  # [B, m, d]
+            s = torch.cat([prev, old[:, :-1]], dim=1)  # [B, m-k, d]
             mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[sl], sin[sl], cache, cfg, cfg_scale)
             passes += 1
-            new = mu + sigma * v_c  # [B, m, d] (>= float32)
-            old_a = old.to(new.dtype)
-            delta = (new - old_a).square().mean((1, 2)) / new.square().mean((1, 2)).clamp_min(1e-30)
+            new = mu + sigma * v[:, sl]  # (>= float32)
+            if h_all is None:
+                h_all = torch.empty(B, n, h.shape[-1], dtype=h.dtype, device=h.device)
+            a_all[:, sl], b_all[:, sl], h_all[:, sl] = a_c, b_c, h
             active = ~done
             iters += active
+            delta = (new - old.to(new.dtype)).square().sum((1, 2))
             u[:, sl] = torch.where(active[:, None, None], new.to(u.dtype), old)
+            delta = delta / u[:, start:start + m].to(new.dtype).square().sum((1, 2)).clamp_min(1e-30)
             done = done | (delta <= config.threshold)
-            if bool(done.all()):
+            if k == m - 1 or bool(done.all()):
                 break
-        cache.advance(m)
-        a_all[:, sl], b_all[:, sl] = a_c, b_c
-        if h_all is None:
-            h_all = torch.empty(B, n, h.shape[-1], dtype=h.dtype, device=h.device)
-        h_all[:, sl] = h
+            cache.advance(1)  # slot start+k is exact: commit its cache entry
+        cache.length = base + m
         start += m
     return Inversion(u, a_all, b_all, h_all, passes, iters)
 

@@ -50,7 +50,7 @@ class ActionEmbedding(nn.Module):
             self.embed = nn.Embedding(action_dim, width)
             nn.init.normal_(self.embed.weight, std=0.02)
         elif action_kind == "box":
-            self.embed = nn.Sequential(nn.Linear(action_dim, width), nn.GELU(), nn.Linear(width, width))
+            self.embed = nn.Sequential(nn.Linear(action_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
         else:
             raise ValueError(f"action_kind={action_kind!r}: expected 'discrete' or 'box'")
         self.start = nn.Parameter(0.02 * torch.randn(width))
