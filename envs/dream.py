@@ -1,0 +1,524 @@
+"""The dream: a trained STARFlow-V world model served as a Gymnasium environment.
+
+Three front-ends share one batched core (:class:`DreamCore`) over a :class:`~sfv_world.world.WorldRuntime`:
+
+- :class:`DreamEnv`, ``gymnasium.make("sfv_world/Dream-v0", checkpoint=...)``: one world;
+- :class:`DreamVectorEnv`, ``gymnasium.make_vec("sfv_world/Dream-v0", num_envs=N, ...)``: N worlds
+  advanced by one batched model call per step (gymnasium 1.x autoreset, next-step by default);
+- ``sfv_world.envs.sb3.DreamSB3VecEnv``: the same core with SB3's ``VecEnv`` contract.
+
+Observations (``obs_mode``):
+- ``"pixels"``: uint8 ``[H, W, C * frame_stack]`` frames at the *model's* frame size, oldest first;
+- ``"latent"``: float32 ``[D]``, the world model's causal feature vector of the newest frame.
+
+An imagined episode starts from real context (``context_frames`` frames and the actions between them),
+sampled from the train split of the checkpoint's dataset (read through ``sfv_world.datasets``), or from
+``reset(options={"frames": ..., "actions": ...})``; one image is enough. It terminates when the
+termination head's probability exceeds ``termination_threshold`` and is truncated after ``horizon``
+steps. ``info`` holds ``log_likelihood`` (bits/dim of the newest frame) and ``jacobi_iterations``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from sfv_world.envs.wrappers import stack_frames, stacked_frame_space
+
+OBS_MODES = ("pixels", "latent")
+
+
+# ----------------------------------------------------------------------------------------------
+# context clips
+
+
+@dataclass
+class ContextPool:
+    """Real context clips to start imagined episodes from.
+
+    frames  uint8 [P, k, H, W, C]  at the model's frame size
+    actions       [P, k-1]         int64 (Discrete) or float32 [P, k-1, A] (Box)
+    """
+
+    frames: np.ndarray
+    actions: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = rng.integers(0, len(self), size=n)
+        return self.frames[idx], self.actions[idx]
+
+
+def load_context_pool(
+    dataset: str | Path,
+    episode_ids: list | None,
+    context_frames: int,
+    frame_size: int,
+    pool_size: int = 512,
+    seed: int = 0,
+) -> ContextPool:
+    """Read up to ``pool_size`` context clips of ``context_frames`` frames from ``dataset``.
+
+    Clips start at uniformly drawn positions of uniformly drawn episodes of ``episode_ids`` (the train
+    split; all episodes when None) and are area-resized to ``frame_size``. Deterministic in ``seed``.
+    """
+    from sfv_world.datasets import DatasetReader, area_resize
+
+    if context_frames < 1:
+        raise ValueError(f"context_frames must be >= 1, got {context_frames}")
+    rng = np.random.default_rng(seed)
+    with DatasetReader(dataset) as reader:
+        ids = [int(e) for e in (reader.episode_ids if episode_ids is None else episode_ids)]
+        ids = [e for e in ids if reader.episode_lengths.get(e, -1) + 1 >= context_frames]
+        if not ids:
+            raise ValueError(
+                f"dataset {dataset}: no (train) episode has the {context_frames} frames needed for a dream context clip"
+            )
+        picks = sorted(ids[int(j)] for j in rng.integers(0, len(ids), size=pool_size))
+        frames, actions, cached = [], [], {}
+        for eid in picks:
+            if eid not in cached:
+                cached = {eid: reader.load_episode(eid, observations=False).actions}
+            n_frames = reader.episode_lengths[eid] + 1
+            start = int(rng.integers(0, n_frames - context_frames + 1))
+            clip = reader.read_frames(eid, start, start + context_frames)
+            if clip.shape[1] != frame_size or clip.shape[2] != frame_size:
+                clip = np.stack([area_resize(f, frame_size) for f in clip])
+            frames.append(clip)
+            actions.append(cached[eid][start : start + context_frames - 1])
+    return ContextPool(np.stack(frames).astype(np.uint8), np.stack(actions))
+
+
+# ----------------------------------------------------------------------------------------------
+# actions
+
+
+def check_actions(space: spaces.Space, actions: Any, n: int, name: str = "actions") -> np.ndarray:
+    """Validate ``n`` actions of ``space``; raise ValueError naming ``name`` and the offending value.
+
+    Discrete: int [n] (a scalar when n == 1) -> int64 [n], the values the dataset stores.
+    Box: float [n, *shape] (``shape`` alone when n == 1) -> float32 [n, *shape].
+    """
+    a = np.asarray(actions)
+    if isinstance(space, spaces.Discrete):
+        if a.shape != (n,) and not (n == 1 and a.shape == ()):
+            raise ValueError(f"{name} must have shape ({n},) for {space}, got {a!r} with shape {a.shape}")
+        a = a.reshape(n)
+        if not np.issubdtype(a.dtype, np.integer):
+            if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+                a = a.astype(np.int64)
+            else:
+                raise ValueError(f"{name} must be integers of {space}, got {a!r} (dtype {a.dtype})")
+        bad = (a < space.start) | (a >= space.start + space.n)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"invalid {name}: {a[i]!r} (index {i}) is not in the action space {space}")
+        return a.astype(np.int64)
+    if isinstance(space, spaces.Box):
+        shape = (n, *space.shape)
+        if a.shape != shape and not (n == 1 and a.shape == space.shape):
+            raise ValueError(f"{name} must have shape {shape} for {space}, got shape {a.shape}")
+        a = a.reshape(shape).astype(np.float32)
+        ok = np.isfinite(a) & (a >= space.low) & (a <= space.high)
+        bad = ~ok.reshape(n, -1).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"invalid {name}: {a[i]!r} (index {i}) is not in the action space {space}")
+        return a
+    raise ValueError(f"unsupported action space {space} (Discrete or Box)")
+
+
+# ----------------------------------------------------------------------------------------------
+# the batched core
+
+
+class DreamCore:
+    """N imagined episodes advanced together; shared by the single, vector and SB3 envs.
+
+    Args:
+        checkpoint: path of a ``.pt`` checkpoint (``sfv_world.checkpoint``); or pass ``runtime``.
+        num_envs: number of parallel worlds N.
+        dataset: dataset folder for default reset context; default: the checkpoint's dataset path.
+        obs_mode: ``"pixels"`` (uint8 HWC frames) or ``"latent"`` (float32 feature vectors).
+        frame_stack: frames per pixel observation (channel-stacked, oldest first).
+        horizon: imagined-episode truncation, in steps.
+        context_frames: real frames given to the model at reset (from the dataset).
+        termination_threshold: terminate when sigmoid(termination logit) > this.
+        sampler: sampler settings (``configs/sampler/*.yaml`` keys); default: the checkpoint's run config.
+        device: torch device of the world model.
+        context_window: frames kept in the KV cache (default: the model's ``max_frames``).
+        runtime: an existing :class:`~sfv_world.world.WorldRuntime` with ``batch_size == num_envs``.
+        context_pool: explicit :class:`ContextPool` instead of reading ``dataset``.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        num_envs: int = 1,
+        *,
+        dataset: str | Path | None = None,
+        obs_mode: str = "pixels",
+        frame_stack: int = 1,
+        horizon: int = 200,
+        context_frames: int = 4,
+        termination_threshold: float = 0.5,
+        sampler: dict[str, Any] | None = None,
+        device: str = "cpu",
+        context_window: int | None = None,
+        runtime=None,
+        context_pool: ContextPool | None = None,
+        pool_size: int = 512,
+    ):
+        from sfv_world.datasets.spaces import deserialize_space
+        from sfv_world.world import WorldRuntime
+
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if int(frame_stack) < 1:
+            raise ValueError(f"frame_stack must be >= 1, got {frame_stack}")
+        if int(horizon) < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        if int(context_frames) < 1:
+            raise ValueError(f"context_frames must be >= 1, got {context_frames}")
+        if not 0.0 < float(termination_threshold) < 1.0:
+            raise ValueError(f"termination_threshold must be in (0, 1), got {termination_threshold}")
+        if runtime is None:
+            if checkpoint is None:
+                raise ValueError("DreamEnv needs checkpoint=<path to a .pt file> (or runtime=...)")
+            runtime = WorldRuntime.from_checkpoint(
+                checkpoint, batch_size=int(num_envs), device=device, sampler=sampler, context_window=context_window
+            )
+        elif runtime.batch_size != int(num_envs):
+            raise ValueError(f"runtime.batch_size={runtime.batch_size} differs from num_envs={num_envs}")
+        self.runtime = runtime
+        self.num_envs = int(num_envs)
+        self.obs_mode = obs_mode
+        self.frame_stack = int(frame_stack)
+        self.horizon = int(horizon)
+        self.context_frames = int(context_frames)
+        self.termination_threshold = float(termination_threshold)
+
+        meta = runtime.dataset_meta
+        self.action_space = deserialize_space(meta["action_space"])
+        self.height, self.width, self.channels = runtime.frame_shape
+        if obs_mode == "pixels":
+            self.observation_space: spaces.Space = stacked_frame_space(
+                self.height, self.width, self.channels, self.frame_stack
+            )
+        else:
+            self.observation_space = spaces.Box(-np.inf, np.inf, shape=(runtime.feature_dim,), dtype=np.float32)
+
+        if context_pool is None:
+            dataset = dataset if dataset is not None else meta.get("path")
+            if dataset is None or not Path(dataset).exists():
+                context_pool = None  # reset(options={"frames": ...}) still works
+                self._missing_dataset = dataset
+            else:
+                splits = meta.get("splits") or {}
+                context_pool = load_context_pool(
+                    dataset, splits.get("train"), self.context_frames, self.height, pool_size=pool_size
+                )
+        self.pool = context_pool
+
+        n, s = self.num_envs, self.frame_stack
+        self.stack = np.zeros((n, s, self.height, self.width, self.channels), dtype=np.uint8)
+        self.features = np.zeros((n, runtime.feature_dim), dtype=np.float32)
+        self.steps = np.zeros(n, dtype=np.int64)
+        self.rng = np.random.default_rng()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def seed(self, seed: int | None) -> None:
+        """Seed context sampling and the world's sampling noise (torch.Generator)."""
+        self.rng = np.random.default_rng(seed)
+        self.runtime.seed(int(self.rng.integers(0, 2**62)) if seed is not None else None)
+
+    def observations(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The current observations of ``rows`` (all rows by default)."""
+        rows = slice(None) if rows is None else rows
+        if self.obs_mode == "pixels":
+            return stack_frames(self.stack[rows])
+        return self.features[rows].copy()
+
+    def frames(self) -> np.ndarray:
+        """uint8 [N, H, W, C]: the newest frame of every world."""
+        return self.stack[:, -1].copy()
+
+    def validate_actions(self, actions: Any, name: str = "actions") -> np.ndarray:
+        """Check a batch of N actions against the action space (see :func:`check_actions`)."""
+        return check_actions(self.action_space, actions, self.num_envs, name)
+
+    def _context_from_options(self, options: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """frames uint8 [n, k, H, W, C] and actions [n, k-1] from ``options`` (per env or shared)."""
+        frames = np.asarray(options["frames"])
+        if frames.dtype != np.uint8:
+            raise ValueError(f"options['frames'] must be uint8 images, got dtype {frames.dtype}")
+        if frames.ndim == 3:  # one image: image-to-world
+            frames = frames[None]
+        if frames.ndim == 4:  # [k, H, W, C] shared by all envs
+            frames = np.broadcast_to(frames[None], (n, *frames.shape))
+        if frames.ndim != 5 or frames.shape[0] != n:
+            raise ValueError(
+                f"options['frames'] must be uint8 [H, W, C], [k, H, W, C] or [{n}, k, H, W, C], got {frames.shape}"
+            )
+        k = frames.shape[1]
+        if "actions" in options and options["actions"] is not None:
+            actions = np.asarray(options["actions"])
+        else:
+            if k > 1:
+                raise ValueError(f"options['actions'] is required with {k} context frames (k-1 = {k - 1} actions)")
+            actions = np.zeros((0,), dtype=np.int64)
+        if actions.ndim == (1 if isinstance(self.action_space, spaces.Discrete) else 2):
+            actions = np.broadcast_to(actions[None], (n, *actions.shape))
+        if actions.shape[:2] != (n, k - 1):
+            raise ValueError(
+                f"options['actions'] must hold k-1 = {k - 1} actions per env for {k} frames, got shape {actions.shape}"
+            )
+        if k > 1:
+            flat = actions.reshape(n * (k - 1), *actions.shape[2:])
+            flat = check_actions(self.action_space, flat, n * (k - 1), "options['actions']")
+            actions = flat.reshape(n, k - 1, *flat.shape[1:])
+        return np.ascontiguousarray(frames), actions
+
+    # -- reset / step --------------------------------------------------------------------------
+
+    def reset_rows(self, rows: np.ndarray, options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Start new imagined episodes in ``rows`` (int64 [n]); the other rows continue untouched.
+
+        Returns the reset info arrays for those rows: ``log_likelihood`` float32 [n] (newest context
+        frame), ``context_log_likelihood`` float32 [n, k].
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        n = rows.shape[0]
+        if options and options.get("frames") is not None:
+            frames, actions = self._context_from_options(options, n)
+        else:
+            if self.pool is None:
+                raise ValueError(
+                    f"no dataset to take dream context from ({getattr(self, '_missing_dataset', None)} does not "
+                    "exist): pass dataset=<folder> or reset(options={'frames': ..., 'actions': ...})"
+                )
+            frames, actions = self.pool.sample(self.rng, n)
+        row_arg = None if n == self.num_envs and np.array_equal(rows, np.arange(self.num_envs)) else rows
+        out = self.runtime.reset(frames, actions, rows=row_arg)
+        ctx = out.frames  # uint8 [n, k, H, W, C] at the model size
+        k = ctx.shape[1]
+        take = min(k, self.frame_stack)
+        stack = np.empty((n, self.frame_stack, self.height, self.width, self.channels), dtype=np.uint8)
+        stack[:, self.frame_stack - take :] = ctx[:, k - take :]
+        stack[:, : self.frame_stack - take] = ctx[:, :1]
+        self.stack[rows] = stack
+        self.features[rows] = out.features
+        self.steps[rows] = 0
+        return {
+            "log_likelihood": out.log_likelihood[:, -1].astype(np.float32),
+            "context_log_likelihood": out.log_likelihood.astype(np.float32),
+        }
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Advance every world by one frame (one batched model call; ``actions`` already validated).
+
+        Returns (obs, rewards float32 [N], terminated bool [N], truncated bool [N], info arrays [N]).
+        """
+        out = self.runtime.step(actions)
+        self.stack = np.roll(self.stack, -1, axis=1)
+        self.stack[:, -1] = out.frames
+        self.features = out.features.astype(np.float32)
+        self.steps += 1
+        terminated = out.termination_prob > self.termination_threshold
+        truncated = (self.steps >= self.horizon) & ~terminated
+        info = {
+            "log_likelihood": out.log_likelihood.astype(np.float32),
+            "jacobi_iterations": out.jacobi_iterations.astype(np.int64),
+        }
+        return self.observations(), out.rewards.astype(np.float32), terminated, truncated, info
+
+
+# ----------------------------------------------------------------------------------------------
+# gymnasium.Env
+
+
+class DreamEnv(gym.Env):
+    """``sfv_world/Dream-v0``: one imagined world (see the module docstring for observations and info).
+
+    ``reset(seed=None, options=None)``: ``options={"frames": uint8 [k, H, W, C] or [H, W, C],
+    "actions": [k-1]}`` starts from given frames (any size that area-resizes to the model's);
+    otherwise a context clip is drawn from the dataset's train split.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
+
+    def __init__(self, checkpoint: str | Path | None = None, render_mode: str | None = None, **kwargs: Any):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.core = DreamCore(checkpoint, num_envs=1, **kwargs)
+        self.render_mode = render_mode
+        self.observation_space = self.core.observation_space
+        self.action_space = self.core.action_space
+        self._needs_reset = True
+
+    @property
+    def runtime(self):
+        return self.core.runtime
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self.core.seed(seed)
+        elif self._needs_reset and not hasattr(self, "_seeded"):
+            self.core.seed(int(self.np_random.integers(0, 2**62)))
+        self._seeded = True
+        info = self.core.reset_rows(np.zeros(1, dtype=np.int64), options)
+        self._needs_reset = False
+        return self.core.observations()[0], {k: v[0] for k, v in info.items()}
+
+    def step(self, action):
+        if self._needs_reset:
+            raise RuntimeError("DreamEnv.step called before reset()")
+        a = self.core.validate_actions(action, name="DreamEnv.step: action")
+        obs, rew, term, trunc, info = self.core.step(a)
+        return (
+            obs[0],
+            float(rew[0]),
+            bool(term[0]),
+            bool(trunc[0]),
+            {"log_likelihood": float(info["log_likelihood"][0]), "jacobi_iterations": int(info["jacobi_iterations"][0])},
+        )
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            return self.core.stack[0, -1].copy()
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# gymnasium.vector.VectorEnv
+
+
+class DreamVectorEnv(VectorEnv):
+    """N imagined worlds stepped by one batched model call (``gymnasium.make_vec`` entry point).
+
+    Autoreset follows gymnasium 1.x (``metadata["autoreset_mode"]``): ``NEXT_STEP`` (default) resets a
+    finished world on the following ``step`` call (its action is ignored, reward 0);
+    ``SAME_STEP`` resets it in the same call and puts the last observation in ``info["final_obs"]``
+    and its info in ``info["final_info"]``. ``reset(options={"reset_mask": bool [N]})`` resets a subset.
+    """
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        checkpoint: str | Path | None = None,
+        render_mode: str | None = None,
+        autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        **kwargs: Any,
+    ):
+        kwargs.pop("max_episode_steps", None)  # gymnasium passes the spec's; the dream uses `horizon`
+        if render_mode is not None and render_mode != "rgb_array":
+            raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        if self.autoreset_mode == AutoresetMode.DISABLED:
+            raise ValueError("DreamVectorEnv supports autoreset_mode NEXT_STEP or SAME_STEP, not DISABLED")
+        self.core = DreamCore(checkpoint, num_envs=num_envs, **kwargs)
+        self.num_envs = self.core.num_envs
+        self.render_mode = render_mode
+        self.metadata = {"render_modes": ["rgb_array"], "render_fps": 15, "autoreset_mode": self.autoreset_mode}
+        self.single_observation_space = self.core.observation_space
+        self.single_action_space = self.core.action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._autoreset = np.zeros(self.num_envs, dtype=bool)
+        self._seeded = False
+
+    @property
+    def runtime(self):
+        return self.core.runtime
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None):
+        options = dict(options or {})
+        if isinstance(seed, (list, tuple)):
+            seed = next((s for s in seed if s is not None), None)  # one generator drives the batch
+        if seed is not None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+            self.core.seed(seed)
+            self._seeded = True
+        elif not self._seeded:
+            self.core.seed(int(np.random.default_rng().integers(0, 2**62)))
+            self._seeded = True
+        mask = options.pop("reset_mask", None)
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != (self.num_envs,) or mask.dtype != np.bool_ or not mask.any():
+                raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},) with a True")
+            rows = np.flatnonzero(mask)
+        else:
+            rows = np.arange(self.num_envs)
+        info = self.core.reset_rows(rows, options)
+        self._autoreset[rows] = False
+        return self.core.observations(), self._batched_info(info, rows)
+
+    def _batched_info(self, info: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, Any]:
+        """gymnasium's vector info layout: ``info[key]`` [N] plus the boolean mask ``info['_' + key]``."""
+        out: dict[str, Any] = {}
+        for k, v in info.items():
+            full = np.zeros((self.num_envs, *v.shape[1:]), dtype=v.dtype)
+            full[rows] = v
+            mask = np.zeros(self.num_envs, dtype=bool)
+            mask[rows] = True
+            out[k], out["_" + k] = full, mask
+        return out
+
+    def step(self, actions):
+        a = self.core.validate_actions(actions, name="DreamVectorEnv.step: actions")
+        obs, rew, term, trunc, info = self.core.step(a)
+        all_rows = np.arange(self.num_envs)
+        infos = self._batched_info(info, all_rows)
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            rows = np.flatnonzero(self._autoreset)
+            if rows.size:
+                # those worlds had ended: this step resets them instead (their generated frame is dropped)
+                rinfo = self.core.reset_rows(rows)
+                rew[rows], term[rows], trunc[rows] = 0.0, False, False
+                for k, v in rinfo.items():
+                    if k in infos:
+                        infos[k][rows] = v
+                obs = self.core.observations()
+            self._autoreset = term | trunc
+        else:  # SAME_STEP
+            done = np.flatnonzero(term | trunc)
+            if done.size:
+                final_obs = np.empty(self.num_envs, dtype=object)
+                final_info = np.empty(self.num_envs, dtype=object)
+                for i in done:
+                    final_obs[i] = obs[i]
+                    final_info[i] = {k: info[k][i] for k in info}
+                mask = np.zeros(self.num_envs, dtype=bool)
+                mask[done] = True
+                infos["final_obs"], infos["_final_obs"] = final_obs, mask
+                infos["final_info"], infos["_final_info"] = final_info, mask.copy()
+                self.core.reset_rows(done)
+                obs = self.core.observations()
+        return obs, rew.astype(np.float64), term, trunc, infos
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            return tuple(self.core.frames())
+        return None
+
+    def close_extras(self, **kwargs: Any) -> None:
+        pass
+
+
+def make_dream_vector_env(num_envs: int = 1, **kwargs: Any) -> DreamVectorEnv:
+    """``vector_entry_point`` of ``sfv_world/Dream-v0``."""
+    return DreamVectorEnv(num_envs=num_envs, **kwargs)

@@ -1,0 +1,232 @@
+"""The dream as Gymnasium Env / VectorEnv / SB3 VecEnv: the checkers, batching, seeding, autoreset, errors."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import sfv_world.envs  # noqa: F401  (registers sfv_world/Dream-v0)
+from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
+from sfv_world.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sfv_world.envs.dream import DreamEnv, DreamVectorEnv
+from sfv_world.envs.sb3 import DreamSB3VecEnv
+from sfv_world.envs.wrappers import FrameStack, stack_frames
+
+ENV_ID = "sfv_world/Dream-v0"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("envs")
+    ds = make_tiny_dataset(root / "ds")
+    ds32 = make_tiny_dataset(root / "ds32", frame_size=32)
+    return {
+        "plain": make_tiny_checkpoint(root / "plain.pt", ds),
+        "never_ends": make_tiny_checkpoint(root / "never.pt", ds, termination_bias=-20.0),
+        "always_ends": make_tiny_checkpoint(root / "always.pt", ds, termination_bias=20.0),
+        "stored32": make_tiny_checkpoint(root / "stored32.pt", ds32),  # 32x32 stored, 16x16 model
+        "root": root,
+    }
+
+
+def test_gymnasium_check_env_pixels_and_latent(ckpts):
+    env = gym.make(ENV_ID, checkpoint=str(ckpts["plain"]), frame_stack=3, render_mode="rgb_array")
+    assert env.observation_space == gym.spaces.Box(0, 255, (16, 16, 9), np.uint8)
+    assert env.action_space == gym.spaces.Discrete(2)
+    gym_check_env(env.unwrapped)
+    latent = gym.make(ENV_ID, checkpoint=str(ckpts["plain"]), obs_mode="latent")
+    assert latent.observation_space.shape == (64,) and latent.observation_space.dtype == np.float32
+    with pytest.warns(UserWarning):  # gymnasium warns about the unbounded Box of a feature vector
+        gym_check_env(latent.unwrapped)
+
+
+def test_sb3_check_env_pixels_and_latent(ckpts):
+    with pytest.warns(UserWarning, match="minimal resolution"):  # 16x16 < NatureCNN's 36x36
+        sb3_check_env(DreamEnv(checkpoint=ckpts["plain"], frame_stack=2), warn=True)
+    sb3_check_env(DreamEnv(checkpoint=ckpts["plain"], obs_mode="latent"), warn=True)
+
+
+def test_observations_are_at_the_model_frame_size(ckpts):
+    env = DreamEnv(checkpoint=ckpts["stored32"], render_mode="rgb_array")
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (16, 16, 3) and obs.dtype == np.uint8
+    assert env.render().shape == (16, 16, 3)
+    assert np.isfinite(info["log_likelihood"]) and info["context_log_likelihood"].shape == (4,)
+    obs, reward, terminated, truncated, info = env.step(1)
+    assert obs.shape == (16, 16, 3)
+    assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
+    assert set(info) == {"log_likelihood", "jacobi_iterations"}
+    np.testing.assert_array_equal(env.render(), obs)
+
+
+def test_image_to_world_from_options(ckpts):
+    from sfv_world.datasets import area_resize
+
+    env = DreamEnv(checkpoint=ckpts["stored32"], frame_stack=2)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    obs, info = env.reset(seed=0, options={"frames": image})
+    small = area_resize(image, 16)
+    np.testing.assert_array_equal(obs, stack_frames(np.stack([small, small])))
+    assert info["context_log_likelihood"].shape == (1,)
+    frames = np.stack([image, image[::-1]])
+    obs, _ = env.reset(options={"frames": frames, "actions": np.array([1])})
+    np.testing.assert_array_equal(obs[..., 3:], area_resize(image[::-1], 16))
+    with pytest.raises(ValueError, match=r"options\['actions'\] is required"):
+        env.reset(options={"frames": frames})
+    with pytest.raises(ValueError, match=r"options\['actions'\].*not in the action space"):
+        env.reset(options={"frames": frames, "actions": np.array([7])})
+    with pytest.raises(ValueError, match=r"options\['frames'\] must be uint8"):
+        env.reset(options={"frames": image.astype(np.float32)})
+
+
+def test_seeded_reset_reproduces_rollouts_bit_for_bit(ckpts):
+    def run(seed):
+        env = DreamEnv(checkpoint=ckpts["plain"], frame_stack=2, horizon=50)
+        obs, _ = env.reset(seed=seed)
+        out = [obs]
+        for t in range(8):
+            obs, r, term, trunc, info = env.step(t % 2)
+            out += [obs, np.float64(r), np.float64(info["log_likelihood"])]
+            if term or trunc:
+                obs, _ = env.reset()
+                out.append(obs)
+        return out
+
+    a, b, c = run(11), run(11), run(12)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_make_vec_returns_the_natively_batched_env(ckpts):
+    envs = gym.make_vec(ENV_ID, num_envs=5, vectorization_mode="vector_entry_point",
+                        checkpoint=str(ckpts["plain"]), frame_stack=2)
+    assert isinstance(envs.unwrapped, DreamVectorEnv)
+    assert envs.unwrapped.runtime.batch_size == 5  # one world model call for all five
+    assert envs.observation_space.shape == (5, 16, 16, 6)
+    assert envs.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
+    obs, info = envs.reset(seed=3)
+    assert obs.shape == (5, 16, 16, 6) and info["log_likelihood"].shape == (5,) and info["_log_likelihood"].all()
+    obs, rew, term, trunc, info = envs.step(np.array([0, 1, 0, 1, 1]))
+    assert obs.shape == (5, 16, 16, 6) and rew.shape == term.shape == trunc.shape == (5,)
+    assert info["jacobi_iterations"].shape == (5,)
+    with pytest.raises(ValueError, match="not in the action space"):
+        envs.step(np.array([0, 1, 2, 1, 1]))
+    # the default mode (no vectorization_mode) also picks the vector entry point
+    assert isinstance(gym.make_vec(ENV_ID, num_envs=2, checkpoint=str(ckpts["plain"])).unwrapped, DreamVectorEnv)
+
+
+def test_vector_env_next_step_autoreset(ckpts):
+    envs = DreamVectorEnv(num_envs=3, checkpoint=ckpts["never_ends"], horizon=3)
+    envs.reset(seed=0)
+    for t in range(3):
+        obs, rew, term, trunc, _ = envs.step(np.array([0, 1, 0]))
+        assert not term.any()
+    assert trunc.all()  # the horizon
+    obs, rew, term, trunc, info = envs.step(np.array([1, 1, 1]))  # this step resets them
+    assert (rew == 0).all() and not term.any() and not trunc.all()
+    np.testing.assert_array_equal(envs.unwrapped.core.steps, 0)
+    obs, rew, term, trunc, info = envs.step(np.array([1, 1, 1]))
+    assert (rew != 0).all() and (envs.core.steps == 1).all()
+
+
+def test_vector_env_same_step_autoreset_and_partial_reset(ckpts):
+    envs = DreamVectorEnv(num_envs=2, checkpoint=ckpts["always_ends"], autoreset_mode="SameStep")
+    envs.reset(seed=0)
+    obs, rew, term, trunc, info = envs.step(np.array([0, 1]))
+    assert term.all() and info["_final_obs"].all()
+    assert info["final_obs"][0].shape == (16, 16, 3)
+    assert (envs.core.steps == 0).all()  # already restarted
+    before = envs.core.stack.copy()
+    obs, _ = envs.reset(options={"reset_mask": np.array([False, True])})
+    np.testing.assert_array_equal(envs.core.stack[0], before[0])
+
+
+def test_sb3_vec_env_truncation_and_termination_semantics(ckpts):
+    venv = DreamSB3VecEnv(checkpoint=ckpts["never_ends"], num_envs=3, horizon=4)
+    venv.seed(5)
+    obs = venv.reset()
+    assert obs.shape == (3, 16, 16, 3) and len(venv.reset_infos) == 3
+    for t in range(4):
+        obs, rewards, dones, infos = venv.step(np.array([0, 1, 1]))
+    assert dones.all() and rewards.dtype == np.float32
+    for i, info in enumerate(infos):
+        assert info["TimeLimit.truncated"] is True
+        assert info["terminal_observation"].shape == (16, 16, 3)
+    assert (venv.core.steps == 0).all()
+
+    venv = DreamSB3VecEnv(checkpoint=ckpts["always_ends"], num_envs=2, horizon=4)
+    venv.reset()
+    obs, rewards, dones, infos = venv.step(np.array([0, 1]))
+    assert dones.all() and all(info["TimeLimit.truncated"] is False for info in infos)
+    assert all("terminal_observation" in info and "log_likelihood" in info for info in infos)
+    with pytest.raises(ValueError, match="not in the action space"):
+        venv.step(np.array([0, 5]))
+
+
+def test_frame_stack_wrapper_matches_the_dream_layout(ckpts):
+    from sfv_world.envs.wrappers import ResizeObservation
+
+    class Frames(gym.Env):
+        observation_space = gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            self.t = 0
+            return np.full((32, 32, 3), 0, np.uint8), {}
+
+        def step(self, action):
+            self.t += 1
+            return np.full((32, 32, 3), self.t, np.uint8), 0.0, False, False, {}
+
+    env = FrameStack(ResizeObservation(Frames(), 16), 3)
+    obs, _ = env.reset()
+    assert obs.shape == (16, 16, 9) and (obs == 0).all()
+    obs, *_ = env.step(0)
+    obs, *_ = env.step(0)
+    assert obs[0, 0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # oldest first, as DreamEnv
+
+
+def test_missing_and_incompatible_checkpoints(ckpts, tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        gym.make(ENV_ID, checkpoint=str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match="needs checkpoint="):
+        DreamEnv()
+    payload = load_checkpoint(ckpts["plain"])
+    payload["model"] = {k: v for k, v in payload["model"].items() if not k.startswith("denoiser.")}
+    save_checkpoint(tmp_path / "nodenoiser.pt", payload)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        DreamEnv(checkpoint=tmp_path / "nodenoiser.pt")
+    payload = load_checkpoint(ckpts["plain"])
+    del payload["dataset"]["action_space"]
+    save_checkpoint(tmp_path / "noactions.pt", payload)
+    with pytest.raises(CheckpointError, match="no 'action_space'"):
+        DreamEnv(checkpoint=tmp_path / "noactions.pt")
+
+
+def test_invalid_actions_and_arguments(ckpts):
+    env = DreamEnv(checkpoint=ckpts["plain"])
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(0)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"DreamEnv.step: action.*2.*not in the action space Discrete\(2\)"):
+        env.step(2)
+    with pytest.raises(ValueError, match="must be integers"):
+        env.step(0.5)
+    with pytest.raises(ValueError, match="obs_mode must be one of"):
+        DreamEnv(checkpoint=ckpts["plain"], obs_mode="rgb")
+    with pytest.raises(ValueError, match="horizon must be >= 1"):
+        DreamEnv(checkpoint=ckpts["plain"], horizon=0)

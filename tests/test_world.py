@@ -1,0 +1,211 @@
+"""World runtime: shapes, seeding, bounded window over long rollouts, per-row reset, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
+from sfv_world.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sfv_world.world import SamplerSettings, WorldRuntime
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are dominated by per-op overhead; a second thread only contends on a 2-core box."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    ds = make_tiny_dataset(root / "ds")
+    return {
+        "dataset": ds,
+        "ckpt": make_tiny_checkpoint(root / "ckpt.pt", ds),
+        "ckpt64": make_tiny_checkpoint(root / "ckpt64.pt", ds, dtype=torch.float64),
+        # 8x8 frames (2x2 tokens), one shallow block: the 2,000-step rollout stays within seconds
+        "micro": make_tiny_checkpoint(root / "micro.pt", ds, sampler={"block_size_first": 4},
+                                      model_overrides={"frame_size": 8, "shallow_blocks": 1, "denoiser_layers": 1}),
+        "root": root,
+    }
+
+
+def context(batch: int, k: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (batch, k, size, size, 3), dtype=np.uint8), rng.integers(0, 2, (batch, k - 1))
+
+
+def test_reset_and_step_shapes(tiny):
+    rt = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=3, seed=0)
+    assert rt.frame_shape == (16, 16, 3) and rt.feature_dim == 64
+    frames, actions = context(3, 3)
+    r = rt.reset(frames, actions)
+    assert r.frames.shape == (3, 3, 16, 16, 3) and r.frames.dtype == np.uint8
+    np.testing.assert_array_equal(r.frames, frames)  # already at the model size: unchanged
+    assert r.log_likelihood.shape == (3, 3) and np.isfinite(r.log_likelihood).all()
+    assert r.features.shape == (3, 64)
+    s = rt.step(np.array([0, 1, 1]))
+    assert s.frames.shape == (3, 16, 16, 3) and s.frames.dtype == np.uint8
+    assert s.rewards.shape == (3,) and s.rewards.dtype == np.float32
+    assert s.terminations.dtype == np.bool_ and s.terminations.shape == (3,)
+    np.testing.assert_array_equal(s.terminations, s.termination_prob > 0.5)
+    assert s.log_likelihood.shape == (3,) and np.isfinite(s.log_likelihood).all()
+    assert s.jacobi_iterations.dtype == np.int64 and (s.jacobi_iterations >= 1).all()
+    assert s.features.shape == (3, 64)
+    assert rt.num_frames == 4
+
+
+def test_larger_frames_are_area_resized_to_the_model_size(tiny):
+    from sfv_world.datasets import area_resize
+
+    rt = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2, seed=0)
+    big, actions = context(2, 2, size=32)
+    r = rt.reset(big, actions)
+    np.testing.assert_array_equal(r.frames, area_resize(big, 16))
+
+
+def rollout(rt: WorldRuntime, steps: int, seed: int) -> list[np.ndarray]:
+    frames, actions = context(rt.batch_size, 2, seed=1)
+    rt.seed(seed)
+    rt.reset(frames, actions)
+    rng = np.random.default_rng(2)
+    out = []
+    for _ in range(steps):
+        s = rt.step(rng.integers(0, 2, rt.batch_size))
+        out += [s.frames, s.log_likelihood, s.features, s.rewards]
+    return out
+
+
+def test_seeded_rollouts_reproduce_bit_for_bit(tiny):
+    a = rollout(WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2), 12, seed=7)
+    b = rollout(WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2), 12, seed=7)
+    c = rollout(WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2), 12, seed=8)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c)), "another seed gave the same rollout"
+
+
+def test_long_rollout_has_flat_memory_and_no_nan(tiny):
+    rt = WorldRuntime.from_checkpoint(tiny["micro"], batch_size=1, context_window=4, seed=0)
+    frames, actions = context(1, 2)  # 16x16, area-resized to the model's 8x8
+    rt.reset(frames, actions)
+    sizes = set()
+    for t in range(2000):
+        s = rt.step(np.array([t % 2]))
+        assert rt.num_frames <= 4
+        if t % 50 == 0:
+            assert np.isfinite(s.log_likelihood).all() and np.isfinite(s.features).all()
+            assert np.isfinite(s.rewards).all() and np.isfinite(s.termination_prob).all()
+        sizes.add(rt.memory_bytes())
+    assert len(sizes) == 1, f"state memory changed over the rollout: {sorted(sizes)}"
+    assert rt.reencodes == 999  # 2 context frames, window 4, keep 2: a re-encode every second step from step 3
+
+
+def test_per_row_reset_restarts_only_those_rows(tiny):
+    rt = WorldRuntime.from_checkpoint(tiny["ckpt64"], batch_size=4, seed=0)
+    frames, actions = context(4, 3)
+    rt.reset(frames, actions)
+    for t in range(3):
+        rt.step(np.array([0, 1, 0, 1]))
+    st = rt.state
+    L = st.num_frames
+    keep = [0, 2, 3]
+    before = (st.cache.k[:, keep].clone(), st.cache.v[:, keep].clone(), st.history_x[keep, :L].clone())
+
+    new_frames, new_actions = context(1, 2, seed=5)
+    rt.seed(123)
+    r = rt.reset(new_frames, new_actions, rows=[1])
+    st = rt.state
+    assert st.num_frames == L
+    torch.testing.assert_close(st.cache.k[:, keep], before[0], rtol=0, atol=0)
+    torch.testing.assert_close(st.cache.v[:, keep], before[1], rtol=0, atol=0)
+    torch.testing.assert_close(st.history_x[keep, :L], before[2], rtol=0, atol=0)
+    assert st.history_mask[1].sum() == 2 and not st.history_mask[1, : L - 2].any()
+
+    # the restarted row's context likelihood equals a fresh world's on the same (noised) context
+    fresh = WorldRuntime.from_checkpoint(tiny["ckpt64"], batch_size=1)
+    fresh.seed(123)
+    f = fresh.reset(new_frames, new_actions)
+    np.testing.assert_allclose(r.log_likelihood, f.log_likelihood, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(r.features, f.features, rtol=0, atol=1e-6)
+
+    # every row keeps running afterwards
+    s = rt.step(np.array([1, 1, 0, 0]))
+    assert np.isfinite(s.log_likelihood).all()
+
+
+def test_per_row_reset_with_longer_context_than_history(tiny):
+    rt = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=3, seed=0)
+    frames, actions = context(3, 1)
+    rt.reset(frames, np.zeros((3, 0), np.int64))  # image-to-world: one frame each
+    long_frames, long_actions = context(1, 4, seed=3)
+    r = rt.reset(long_frames, long_actions, rows=np.array([False, True, False]))
+    assert r.log_likelihood.shape == (1, 4) and rt.num_frames == 4
+    assert rt.state.history_mask[[0, 2]].sum(1).tolist() == [1, 1]
+    s = rt.step(np.array([0, 1, 0]))
+    assert np.isfinite(s.log_likelihood).all()
+
+
+def test_observe_appends_real_frames_within_the_window(tiny):
+    rt = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2, context_window=4, seed=0)
+    frames, _ = context(2, 12)
+    rt.reset(frames[:, :1], np.zeros((2, 0), np.int64))
+    for t in range(1, 12):
+        o = rt.observe(frames[:, t], np.array([0, 1]))
+        assert rt.num_frames <= 4
+        np.testing.assert_array_equal(o.frames, frames[:, t])
+        assert o.features.shape == (2, 64) and np.isfinite(o.log_likelihood).all()
+
+
+def test_sequential_sampler_runs_one_pass_per_token(tiny):
+    rt = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2, sampler={"method": "sequential"}, seed=0)
+    frames, actions = context(2, 2)
+    rt.reset(frames, actions)
+    s = rt.step(np.array([0, 1]))
+    assert (s.jacobi_iterations == 16).all()  # 4x4 tokens, one pass each
+
+
+def test_bad_inputs_raise_clear_errors(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        WorldRuntime.from_checkpoint(tmp_path / "missing.pt")
+    rt = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2, seed=0)
+    with pytest.raises(RuntimeError, match="before reset"):
+        rt.step(np.array([0, 1]))
+    frames, actions = context(2, 2)
+    with pytest.raises(ValueError, match="context_frames must be uint8"):
+        rt.reset(frames.astype(np.float32), actions)
+    with pytest.raises(ValueError, match="context_actions must have shape"):
+        rt.reset(frames, actions[:, :0])
+    with pytest.raises(ValueError, match="smaller than the model"):
+        rt.reset(frames[:, :, :8, :8], actions)
+    with pytest.raises(ValueError, match="context_window"):
+        rt.reset(*context(2, 9))
+    rt.reset(frames, actions)
+    with pytest.raises(ValueError, match="actions: action 2 is outside 0..1"):
+        rt.step(np.array([0, 2]))
+    with pytest.raises(ValueError, match=r"actions must have shape \(2,\)"):
+        rt.step(np.array([0]))
+    with pytest.raises(ValueError, match="rows must be distinct"):
+        rt.reset(frames[:1], actions[:1], rows=[5])
+    with pytest.raises(ValueError, match="sampler: unknown keys"):
+        SamplerSettings.from_dict({"temprature": 1.0})
+
+    # incompatible checkpoints: weights that do not fit the config, an action space the model lacks
+    payload = load_checkpoint(tiny["ckpt"])
+    payload["model_config"] = {**payload["model_config"], "deep_width": 128}
+    save_checkpoint(tmp_path / "wide.pt", payload)
+    with pytest.raises(CheckpointError, match="wide.pt"):
+        WorldRuntime.from_checkpoint(tmp_path / "wide.pt")
+    payload = load_checkpoint(tiny["ckpt"])
+    payload["dataset"] = {**payload["dataset"], "action_space": '{"type": "Discrete", "dtype": "int64", "start": 0, "n": 6}'}
+    save_checkpoint(tmp_path / "actions.pt", payload)
+    with pytest.raises(CheckpointError, match="does not match the model's action embedding"):
+        WorldRuntime.from_checkpoint(tmp_path / "actions.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        WorldRuntime.from_checkpoint(tmp_path / "garbage.pt")
