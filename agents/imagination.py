@@ -1,0 +1,229 @@
+"""Train an SB3 agent purely inside the dream; evaluate it periodically in the real env.
+
+The agent never sees a real transition while it learns: its VecEnv is
+:class:`~sfv_world.envs.sb3.DreamSB3VecEnv` (N worlds, one batched world-model call per step). Every
+``eval_every`` dream steps the current policy plays ``eval_episodes`` real episodes with the same
+observations (:mod:`sfv_world.agents.evaluation`). Imagined returns (VecMonitor over dream episodes) and
+real returns are written side by side to tensorboard (``eval/*``) and to ``eval.csv``.
+
+Output folder (``out_dir``)::
+
+    policy.zip         the final policy (SB3 ``save``)
+    checkpoint.zip     the latest policy during training (resume point)
+    eval.csv           timesteps, imagined and real returns, wall time
+    tb/                tensorboard events (SB3's own scalars plus eval/*)
+    result.json        final real-env evaluation and settings
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecMonitor
+
+from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
+from sfv_world.agents.policies import algo_class, algo_kwargs, policy_for
+
+EVAL_FIELDS = ["timesteps", "imagined_return_mean", "imagined_length_mean", "real_return_mean", "real_return_std",
+               "real_length_mean", "wall_s"]
+
+
+@dataclass
+class AgentSettings:
+    """Settings of one agent run (``configs/agent/*.yaml`` keys plus where to run)."""
+
+    algo: str = "ppo"
+    obs_mode: str = "pixels"
+    policy: str | None = None
+    n_envs: int = 64
+    total_timesteps: int = 500_000
+    horizon: int = 200
+    frame_stack: int = 4
+    eval_every: int = 50_000
+    eval_episodes: int = 20
+    context_frames: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    sampler: dict[str, Any] = field(default_factory=dict)
+    algo_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, agent_cfg: Any, **extra: Any) -> "AgentSettings":
+        """From an ``agent`` config mapping; unknown keys (e.g. ood_truncate) are ignored."""
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in dict(agent_cfg).items() if k in known}
+        d.update({k: v for k, v in extra.items() if k in known and v is not None})
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.total_timesteps < 1 or self.n_envs < 1 or self.eval_every < 1 or self.eval_episodes < 1:
+            raise ValueError(f"agent: total_timesteps, n_envs, eval_every, eval_episodes must be >= 1: {self}")
+        policy_for(self.obs_mode, _dummy_space(self.obs_mode), self.policy)
+        algo_class(self.algo)
+
+
+def _dummy_space(obs_mode: str):
+    import gymnasium as gym
+
+    if obs_mode == "pixels":
+        return gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    return gym.spaces.Box(-np.inf, np.inf, (8,), np.float32)
+
+
+class EvalLog:
+    """Append-only eval.csv plus tensorboard scalars through the SB3 logger."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        new = not path.exists()
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=EVAL_FIELDS)
+        if new:
+            self.writer.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow({k: row.get(k, "") for k in EVAL_FIELDS})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_eval_csv(path: str | Path) -> dict[str, np.ndarray]:
+    """eval.csv -> {column: float array} (empty cells are NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows]) for k in EVAL_FIELDS}
+
+
+class RealEvalCallback(BaseCallback):
+    """Every ``every`` steps: real-env evaluation, imagined-return summary, logs, a resume checkpoint."""
+
+    def __init__(self, every: int, evaluate, log: EvalLog, checkpoint_path: Path, t0: float, label: str = "dream"):
+        super().__init__()
+        self.every, self.evaluate, self.log = int(every), evaluate, log
+        self.checkpoint_path, self.t0, self.label = checkpoint_path, t0, label
+        self.next_eval = None
+        self.last_row: dict[str, Any] | None = None
+
+    def _on_training_start(self) -> None:
+        self.next_eval = (self.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.next_eval:
+            self.next_eval += self.every
+            self.run_eval()
+        return True
+
+    def imagined(self) -> tuple[float, float]:
+        buf = self.model.ep_info_buffer
+        if not buf:
+            return float("nan"), float("nan")
+        return float(np.mean([e["r"] for e in buf])), float(np.mean([e["l"] for e in buf]))
+
+    def run_eval(self) -> dict[str, Any]:
+        result = self.evaluate(self.model)
+        im_r, im_l = self.imagined()
+        row = {"timesteps": self.num_timesteps, "imagined_return_mean": im_r, "imagined_length_mean": im_l,
+               "real_return_mean": result.mean, "real_return_std": result.std,
+               "real_length_mean": float(result.lengths.mean()), "wall_s": round(time.time() - self.t0, 1)}
+        self.log.write(row)
+        for k in ("imagined_return_mean", "real_return_mean", "real_length_mean"):
+            self.logger.record(f"eval/{k}", row[k])
+        self.logger.dump(self.num_timesteps)
+        self.model.save(self.checkpoint_path)
+        print(f"[agent] {self.num_timesteps} {self.label} steps: training-episode return {im_r:.1f}, real return "
+              f"{result.mean:.1f} +- {result.std:.1f}", flush=True)
+        self.last_row = row
+        return row
+
+    def final_eval(self) -> dict[str, Any]:
+        """The evaluation at the end of training (reused when the last periodic one was at this step)."""
+        self.num_timesteps = self.model.num_timesteps
+        if self.last_row is not None and self.last_row["timesteps"] == self.num_timesteps:
+            return self.last_row
+        return self.run_eval()
+
+
+def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
+                         progress: bool = False) -> dict[str, Any]:
+    """Train ``settings.algo`` inside the dream of ``checkpoint``; evaluate in the real env of ``env_cfg``.
+
+    Resumes from ``out_dir/checkpoint.zip`` if a previous run was interrupted. Returns the result dict
+    (also written to ``out_dir/result.json``).
+    """
+    import torch
+
+    from sfv_world.envs.sb3 import DreamSB3VecEnv
+    from sfv_world.world import WorldRuntime
+
+    settings.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    venv = DreamSB3VecEnv(
+        checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, frame_stack=settings.frame_stack,
+        horizon=settings.horizon, context_frames=settings.context_frames, sampler=settings.sampler or None,
+        device=settings.device,
+    )
+    venv.seed(settings.seed)
+    runtime = venv.runtime
+    spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
+
+    def runtime_factory(batch: int) -> WorldRuntime:
+        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler,
+                            context_window=runtime.context_window, reencode_keep=runtime.reencode_keep)
+
+    def evaluate(model):
+        return evaluate_real(model, env_cfg, spec, episodes=settings.eval_episodes, seed=10_000 + settings.seed,
+                             runtime_factory=runtime_factory)
+
+    policy_name, policy_kwargs = policy_for(settings.obs_mode, venv.observation_space, settings.policy)
+    cls = algo_class(settings.algo)
+    monitored = VecMonitor(venv)
+    ckpt = out / "checkpoint.zip"
+    if ckpt.exists():
+        model = cls.load(ckpt, env=monitored, device="cpu", tensorboard_log=str(out / "tb"))
+        print(f"[agent] resuming from {ckpt} at {model.num_timesteps} steps")
+    else:
+        kwargs = {**algo_kwargs(settings.algo, settings.n_envs, settings.total_timesteps), **settings.algo_kwargs}
+        model = cls(policy_name, monitored, policy_kwargs=policy_kwargs, seed=settings.seed, device="cpu",
+                    tensorboard_log=str(out / "tb"), verbose=0, **kwargs)
+    log = EvalLog(out / "eval.csv")
+    t0 = time.time()
+    callback = RealEvalCallback(settings.eval_every, evaluate, log, ckpt, t0)
+    remaining = settings.total_timesteps - model.num_timesteps
+    try:
+        if remaining > 0:
+            model.learn(remaining, callback=callback, reset_num_timesteps=False, progress_bar=progress,
+                        tb_log_name="imagination")
+        else:  # an interrupted run that had finished learning: only the final evaluation is left
+            from stable_baselines3.common.logger import configure
+
+            model.set_logger(configure(str(out / "tb" / "final"), ["tensorboard"]))
+        callback.init_callback(model)
+        final = callback.final_eval()
+    finally:
+        log.close()
+    model.save(out / "policy.zip")
+    result = {
+        "kind": "imagination",
+        "checkpoint": str(checkpoint),
+        "real_return_mean": final["real_return_mean"],
+        "real_return_std": final["real_return_std"],
+        "real_length_mean": final["real_length_mean"],
+        "imagined_return_mean": final["imagined_return_mean"],
+        "eval_episodes": settings.eval_episodes,
+        "dream_steps": int(model.num_timesteps),
+        "wall_s": round(time.time() - t0, 1),
+        "settings": asdict(settings),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    return result

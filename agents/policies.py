@@ -1,0 +1,96 @@
+"""Policy choices for SB3 agents on dream observations.
+
+SB3's ``NatureCNN`` (8x8/4, 4x4/2, 3x3/1 convolutions) needs frames of at least 36x36 pixels; the
+``cpu-demo`` world model works at 32x32 and the test models at 16x16. :class:`SmallCNN` is the same
+three-convolution design with strides scaled down for such frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import torch
+from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+NATURE_CNN_MIN_SIDE = 36
+ALGOS = ("ppo", "a2c", "dqn")
+
+
+class SmallCNN(BaseFeaturesExtractor):
+    """CNN features for small channel-first uint8 images ([C, H, W], 8 <= H, W < 36).
+
+    conv 4x4/2 (32) -> conv 3x3/2 (64) -> conv 3x3/1 pad 1 (64) -> flatten -> linear(features_dim), ReLUs.
+    """
+
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 256, normalized_image: bool = False):
+        super().__init__(observation_space, features_dim)
+        if not is_image_space(observation_space, check_channels=False, normalized_image=normalized_image):
+            raise ValueError(f"SmallCNN needs an image observation space, got {observation_space}")
+        c = observation_space.shape[0]
+        self.cnn = nn.Sequential(
+            nn.Conv2d(c, 32, kernel_size=4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            n_flat = self.cnn(torch.as_tensor(observation_space.sample()[None]).float()).shape[1]
+        self.linear = nn.Sequential(nn.Linear(n_flat, features_dim), nn.ReLU())
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.cnn(observations))
+
+
+def policy_for(obs_mode: str, observation_space: gym.spaces.Space, policy: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(SB3 policy name, policy_kwargs) for an observation mode.
+
+    pixels -> ``CnnPolicy`` (with :class:`SmallCNN` below 36x36 pixels); latent -> ``MlpPolicy``.
+    An explicit ``policy`` other than the mode's default is an error (a CNN cannot read vectors).
+    """
+    if obs_mode == "pixels":
+        name = "CnnPolicy"
+        shape = observation_space.shape
+        kwargs: dict[str, Any] = {}
+        if min(shape[0], shape[1]) < NATURE_CNN_MIN_SIDE:  # HWC before SB3's transpose
+            kwargs["features_extractor_class"] = SmallCNN
+    elif obs_mode == "latent":
+        name, kwargs = "MlpPolicy", {"net_arch": [256, 256]}
+    else:
+        raise ValueError(f"obs_mode must be 'pixels' or 'latent', got {obs_mode!r}")
+    if policy not in (None, name):
+        raise ValueError(f"agent.policy={policy!r} does not fit obs_mode={obs_mode!r} (use {name})")
+    return name, kwargs
+
+
+def algo_class(algo: str):
+    """The SB3 class for ``ppo`` / ``a2c`` / ``dqn``."""
+    from stable_baselines3 import A2C, DQN, PPO
+
+    table = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
+    key = str(algo).lower()
+    if key not in table:
+        raise ValueError(f"agent.algo must be one of {ALGOS}, got {algo!r}")
+    return table[key]
+
+
+def algo_kwargs(algo: str, n_envs: int, total_timesteps: int) -> dict[str, Any]:
+    """Hyper-parameters per algorithm for many parallel, cheap dream envs."""
+    key = str(algo).lower()
+    if key == "ppo":
+        n_steps = max(16, min(128, 8192 // max(1, n_envs)))
+        batch = max(32, min(512, (n_steps * n_envs) // 4))
+        return {"n_steps": n_steps, "batch_size": batch, "n_epochs": 4, "learning_rate": 2.5e-4,
+                "ent_coef": 0.01, "clip_range": 0.1, "gamma": 0.99, "gae_lambda": 0.95}
+    if key == "a2c":
+        return {"n_steps": 5, "learning_rate": 7e-4, "ent_coef": 0.01}
+    if key == "dqn":
+        return {"buffer_size": min(100_000, max(1000, total_timesteps)), "learning_starts": min(1000, total_timesteps // 10),
+                "train_freq": 4, "target_update_interval": 1000, "exploration_fraction": 0.2,
+                "optimize_memory_usage": False}
+    raise ValueError(f"agent.algo must be one of {ALGOS}, got {algo!r}")

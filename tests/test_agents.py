@@ -1,0 +1,160 @@
+"""Agents: SB3 learning inside a tiny dream, real-env evaluation with dream observations, the baseline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dream_fixtures import make_tiny_checkpoint
+from sfv_world.agents.evaluation import ObservationSpec, evaluate_real, make_real_pixel_env
+from sfv_world.agents.imagination import AgentSettings, read_eval_csv, train_in_imagination
+from sfv_world.agents.policies import SmallCNN, policy_for
+
+CARTPOLE = {"id": "CartPole-v1", "frame_source": "render", "kwargs": {}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cartpole(tmp_path_factory):
+    """A 6-episode random CartPole-pixels dataset at 32x32 and a random tiny 16x16 world model on it."""
+    from sfv_world.datasets import RandomPolicy, collect
+    from sfv_world.envs.sources import make_source_env
+
+    root = tmp_path_factory.mktemp("agents")
+    env = make_source_env(CARTPOLE)
+    collect(env, root / "cartpole", RandomPolicy(env.action_space, seed=0), episodes=6, frame_size=32,
+            progress=False)
+    env.close()
+    ckpt = make_tiny_checkpoint(root / "ckpt.pt", root / "cartpole", termination_bias=-3.0)
+    return {"root": root, "dataset": root / "cartpole", "ckpt": ckpt}
+
+
+def small(**kw) -> AgentSettings:
+    base = dict(algo="ppo", obs_mode="pixels", n_envs=8, total_timesteps=256, horizon=16, frame_stack=2,
+                eval_every=128, eval_episodes=2, algo_kwargs={"n_steps": 16, "batch_size": 64, "n_epochs": 2})
+    base.update(kw)
+    return AgentSettings(**base)
+
+
+def test_ppo_learns_inside_the_dream_and_is_evaluated_in_the_real_env(cartpole, tmp_path):
+    from stable_baselines3 import PPO
+
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, small())
+    assert result["dream_steps"] == 256
+    assert np.isfinite(result["real_return_mean"]) and result["real_return_mean"] >= 8  # CartPole lasts >= 8 steps
+    assert np.isfinite(result["imagined_return_mean"])
+    assert (tmp_path / "policy.zip").is_file() and (tmp_path / "result.json").is_file()
+    assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    rows = read_eval_csv(tmp_path / "eval.csv")
+    np.testing.assert_array_equal(rows["timesteps"], [128, 256])
+    assert np.isfinite(rows["real_return_mean"]).all()
+    model = PPO.load(tmp_path / "policy.zip")
+    assert isinstance(model.policy.features_extractor, SmallCNN)  # 16x16 frames: NatureCNN cannot read them
+    # PPO really updated its networks (two rollouts of 8 envs x 16 steps, 2 epochs each)
+    assert model.num_timesteps == 256 and model._n_updates > 0
+
+
+def test_resume_after_interruption_continues_from_the_checkpoint(cartpole, tmp_path):
+    train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, small(total_timesteps=128))
+    (tmp_path / "result.json").unlink()  # as if the run had stopped after its last evaluation
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, small(total_timesteps=256))
+    assert result["dream_steps"] == 256
+    np.testing.assert_array_equal(read_eval_csv(tmp_path / "eval.csv")["timesteps"], [128, 256])
+
+
+def test_a2c_with_latent_observations(cartpole, tmp_path):
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path,
+                                  small(algo="a2c", obs_mode="latent", total_timesteps=160, eval_every=80,
+                                        algo_kwargs={}))
+    assert result["dream_steps"] == 160 and np.isfinite(result["real_return_mean"])
+
+
+def test_dqn_in_the_dream(cartpole, tmp_path):
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path,
+                                  small(algo="dqn", total_timesteps=160, eval_every=160,
+                                        algo_kwargs={"learning_starts": 32, "buffer_size": 1000}))
+    assert result["dream_steps"] == 160
+
+
+def test_real_env_sees_the_dream_observation_layout(cartpole):
+    from sfv_world.envs.dream import DreamEnv
+
+    dream = DreamEnv(checkpoint=cartpole["ckpt"], frame_stack=3)
+    spec = ObservationSpec.from_runtime(dream.runtime, "pixels", 3)
+    assert (spec.stored_frame_size, spec.model_frame_size) == (32, 16)
+    real = make_real_pixel_env(CARTPOLE, spec)
+    assert real.observation_space == dream.observation_space
+    obs, _ = real.reset(seed=0)
+    assert obs.shape == (16, 16, 9)
+    real.close()
+
+
+def test_latent_evaluation_feeds_real_frames_through_the_world_model(cartpole):
+    from sfv_world.world import WorldRuntime
+
+    calls = []
+
+    class Recorder:
+        def predict(self, obs, deterministic=True):
+            calls.append(obs.copy())
+            return np.zeros(len(obs), dtype=np.int64), None
+
+    def factory(batch):
+        return WorldRuntime.from_checkpoint(cartpole["ckpt"], batch_size=batch, seed=0)
+
+    spec = ObservationSpec("latent", 32, 16, 1)
+    res = evaluate_real(Recorder(), CARTPOLE, spec, episodes=2, runtime_factory=factory)
+    assert calls[0].shape == (2, 64) and calls[0].dtype == np.float32
+    assert len(calls) == int(res.lengths.max())
+    assert not np.allclose(calls[0], calls[-1])  # the features follow the real frames
+    with pytest.raises(ValueError, match="needs runtime_factory"):
+        evaluate_real(Recorder(), CARTPOLE, spec, episodes=1)
+
+
+def test_model_free_baseline_uses_the_same_observations(cartpole, tmp_path):
+    from sfv_world.agents.model_free import train_model_free
+
+    spec = ObservationSpec("pixels", 32, 16, 2)
+    result = train_model_free(CARTPOLE, spec, 64, tmp_path, small(algo="a2c", eval_every=32, algo_kwargs={}), n_envs=2)
+    assert result["real_steps"] >= 64 and np.isfinite(result["real_return_mean"])
+    assert json.loads((tmp_path / "result.json").read_text())["kind"] == "model_free"
+    with pytest.raises(ValueError, match="pixel observations"):
+        train_model_free(CARTPOLE, ObservationSpec("latent", 32, 16, 1), 64, tmp_path, small())
+
+
+def test_agent_cli_entry_point(cartpole, tmp_path):
+    from omegaconf import open_dict
+
+    from sfv_world.apps import agent
+    from sfv_world.apps.cli import compose
+
+    cfg = compose(["preset=tiny", "device=cpu", f"run_dir={tmp_path}", f"checkpoint={cartpole['ckpt']}",
+                   "agent.n_envs=4", "agent.total_timesteps=64", "agent.eval_every=64", "agent.eval_episodes=1",
+                   "agent.horizon=8", "agent.frame_stack=1"])
+    with open_dict(cfg):
+        cfg.agent.algo_kwargs = {"n_steps": 16, "batch_size": 32, "n_epochs": 1}
+    results = agent.run(cfg)
+    assert (tmp_path / "agent" / "ppo-pixels" / "policy.zip").is_file()
+    assert results["imagination"]["dream_steps"] == 64
+    cfg.env.id = "ALE/Pong-v5"
+    with pytest.raises(SystemExit, match="trained on 'CartPole-v1' data"):
+        agent.run(cfg)
+
+
+def test_bad_agent_settings():
+    with pytest.raises(ValueError, match="agent.algo must be one of"):
+        small(algo="sac").validate()
+    with pytest.raises(ValueError, match="does not fit obs_mode='latent'"):
+        small(obs_mode="latent", policy="CnnPolicy").validate()
+    name, kwargs = policy_for("pixels", __import__("gymnasium").spaces.Box(0, 255, (64, 64, 12), np.uint8))
+    assert name == "CnnPolicy" and kwargs == {}  # large frames keep SB3's NatureCNN
