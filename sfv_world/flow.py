@@ -182,8 +182,7 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(layer, k, v)  # [B, H, L+n, hd]
-            causal = False  # the cache's mask already encodes causality
+            k, v = cache.write(layer, k, v)  # [B, H, L+n, hd]; callers pass causal only when L == 0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         return self.proj(y.transpose(1, 2).reshape(B, n, D))
 
@@ -312,7 +311,7 @@ class FlowBlock(nn.Module):
                 raise ValueError("FlowBlock.forward: the cache must be empty")
             if key_valid is not None:
                 cache.set_valid(key_valid, u.shape[1])
-            mask = cache.attn_mask(u.shape[1])
+            mask = None if cache.all_valid else cache.attn_mask(u.shape[1])  # empty cache: plain causal
         h = self.hidden(s, add, cos, sin, mask, mask is None, cache)
         if cache is not None:
             cache.advance(u.shape[1])
