@@ -68,11 +68,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[1e-3, 1e-6])
+    ap.add_argument("--checkpoint", default=None,
+                    help="a trained sfv-world checkpoint (.pt) instead of the small random model")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: stable timings on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model()
+    if args.checkpoint:
+        from sfv_world.checkpoint import load_world_model
+
+        model = load_world_model(args.checkpoint)[0].eval()
+    else:
+        model = build_model()
     c = model.config
     rows, summary = [], {"speedup": {}, "pass_ratio": {}, "max_abs_diff": {}}
     for B in args.batches:
@@ -106,15 +113,19 @@ def main() -> None:
                 for k in summary:
                     summary[k][f"batch_{B}"] = row[k]
         print(rows[-len(results):])
-    config = {"model": MODEL, "random_model": True, "w_out_std": 0.05, "frames": args.frames,
+    config = {"model": c.to_dict(), "random_model": not args.checkpoint, "checkpoint": args.checkpoint,
+              "w_out_std": None if args.checkpoint else 0.05, "frames": args.frames,
               "repeats (min taken)": args.repeats, "block_size_first": 16, "block_size": 64, "max_iter": 32,
               "warm_start": True, "torch_threads": torch.get_num_threads()}
     write_results(
-        "jacobi_vs_sequential", rows, title="Block Jacobi vs sequential inversion, 64x64 (random model)",
+        "jacobi_vs_sequential", rows,
+        title=f"Block Jacobi vs sequential inversion, {c.frame_size}x{c.frame_size} "
+              f"({'trained model' if args.checkpoint else 'random model'})",
         compares="Video-aware block Jacobi (first-frame chunks 16, later chunks 64, warm start) against exact "
                  "sequential inversion with KV caches, same noise. speedup = sequential wall time / Jacobi wall "
                  "time per frame; pass_ratio = sequential / Jacobi deep-block forward passes per frame. "
-                 "A small random model (W_out ~ N(0, 0.05^2)), not a trained one.",
+                 + (f"Trained model {args.checkpoint}." if args.checkpoint else
+                    "A small random model (W_out ~ N(0, 0.05^2)), not a trained one."),
         config=config,
     )
     import json

@@ -51,28 +51,47 @@ class FlowScoreDenoiser(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def frame_masks(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention masks bool [N, N] for layer 0 (frames <= n + lookahead) and later layers (<= n)."""
-        f = torch.arange(T, device=device).repeat_interleave(self.config.tokens_per_frame)
-        return f[None, :] <= f[:, None] + self.lookahead, f[None, :] <= f[:, None]
+    def frame_masks(self, T: int, device, frame_mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention masks for layer 0 (frames <= n + lookahead) and later layers (frames <= n).
 
-    def forward(self, x_tilde: torch.Tensor, actions: torch.Tensor, drop_actions: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """x_tilde [B, T, C, H, W]; actions [B, T-1(, k)]; drop_actions bool [B] | None.
+        Each [N, N] bool, or [B, 1, N, N] with frame_mask bool [B, T] (False frames are masked keys;
+        a query always sees its own frame, so padding rows stay finite).
+        """
+        F = self.config.tokens_per_frame
+        f = torch.arange(T, device=device).repeat_interleave(F)
+        first, rest = f[None, :] <= f[:, None] + self.lookahead, f[None, :] <= f[:, None]
+        if frame_mask is None:
+            return first, rest
+        keys = frame_mask.repeat_interleave(F, dim=1)[:, None, :] | (f[None, :] == f[:, None])  # [B, N, N]
+        return (first & keys)[:, None], (rest & keys)[:, None]
 
-        Returns the score estimate [B, T, C, H, W] (target scale: sigma * grad NLL).
+    def forward(self, x_tilde: torch.Tensor, actions: torch.Tensor, drop_actions: torch.Tensor | None = None,
+                frame_mask: torch.Tensor | None = None, last_frame_only: bool = False) -> torch.Tensor:
+        """x_tilde [B, T, C, H, W]; actions [B, T-1(, k)]; drop_actions bool [B] | None; frame_mask bool
+        [B, T] | None (False = padding: masked keys, and the next real frame gets START).
+
+        Returns the score estimate [B, T, C, H, W] (target scale: sigma * grad NLL), or only the
+        newest frame's [B, 1, C, H, W] with last_frame_only (its last layer computes F queries).
         """
         c = self.config
         B, T = x_tilde.shape[:2]
         F = c.tokens_per_frame
         tokens = patchify(x_tilde, c.patch_size).reshape(B, T * F, c.token_dim)
-        cond = self.action_embed.frame_conditioning(actions, T, drop_actions)  # [B, T, D]
+        cond = self.action_embed.frame_conditioning(actions, T, drop_actions, frame_mask)  # [B, T, D]
         h = self.proj_in(tokens) + cond.repeat_interleave(F, dim=1)
         frames = torch.arange(T, dtype=torch.float64, device=x_tilde.device)
         cos, sin = rope_cos_sin(token_positions(c.grid, c.grid, frames), c.head_dim)
-        first, rest = self.frame_masks(T, x_tilde.device)
+        first, rest = self.frame_masks(T, x_tilde.device, frame_mask)
+        L = len(self.layers)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, first if i == 0 else rest, False)
+            mask = first if i == 0 else rest
+            if last_frame_only and i == L - 1:
+                q = slice((T - 1) * F, T * F)
+                h = layer(h, cos, sin, mask[..., q, :], False, queries=q)
+                T = 1
+            else:
+                h = layer(h, cos, sin, mask, False)
         score = self.proj_out(self.norm(h)).reshape(B, T, F, c.token_dim)
         return unpatchify(score, c.patch_size, c.channels, c.frame_size, c.frame_size)
 
@@ -81,19 +100,24 @@ class FlowScoreDenoiser(nn.Module):
         return x_tilde - self.sigma * self(x_tilde, actions)
 
     @torch.no_grad()
-    def denoise_latest(self, x_window: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def denoise_latest(self, x_window: torch.Tensor, actions: torch.Tensor,
+                       frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Denoise the newest frame of a short window in one batched pass.
 
-        x_window [B, W, C, H, W] (oldest first); actions [B, W-1(, k)]. Returns [B, C, H, W]. With
-        lookahead 1 the newest frame is denoised without its look-ahead frame (as the last frame of
-        a training clip); for the exact one-frame-lagged output use `denoise_frame(..., index=-2)`.
+        x_window [B, W, C, H, W] (oldest first); actions [B, W-1(, k)]; frame_mask bool [B, W] | None
+        (False = padding frames, e.g. GenerationState.history_mask). Returns [B, C, H, W]. The last
+        layer only computes the newest frame's queries. With lookahead 1 the newest frame is denoised
+        without its look-ahead frame (as the last frame of a training clip); for the exact
+        one-frame-lagged output use `denoise_frame(..., index=-2)`.
         """
-        return self.denoise_frame(x_window, actions, -1)
+        score = self(x_window, actions, frame_mask=frame_mask, last_frame_only=True)[:, 0]
+        return x_window[:, -1] - self.sigma * score
 
     @torch.no_grad()
-    def denoise_frame(self, x_window: torch.Tensor, actions: torch.Tensor, index: int = -1) -> torch.Tensor:
+    def denoise_frame(self, x_window: torch.Tensor, actions: torch.Tensor, index: int = -1,
+                      frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Denoised frame `index` of a window [B, W, C, H, W] -> [B, C, H, W]."""
-        return self.denoise(x_window, actions)[:, index]
+        return (x_window - self.sigma * self(x_window, actions, frame_mask=frame_mask))[:, index]
 
 
 def flow_score_matching_loss(denoiser: FlowScoreDenoiser, x_tilde: torch.Tensor, g: torch.Tensor,

@@ -175,16 +175,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x [B, n, D]; cos/sin [n, hd/2]; mask bool broadcastable to [B, H, n, keys] or None."""
+                causal: bool, cache: KVCache | None = None, layer: int = 0,
+                queries: slice | None = None) -> torch.Tensor:
+        """x [B, n, D]; cos/sin [n, hd/2]; mask bool broadcastable to [B, H, n_q, keys] or None.
+
+        queries: compute outputs only for these positions (keys/values still from all n); the
+        mask must then already be restricted to those query rows. Returns [B, n_q, D].
+        """
         B, n, D = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B,H,n,hd]
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if queries is not None:
+            q, cos, sin = q[:, :, queries], cos[queries], sin[queries]
+        q = apply_rope(q, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # [B, H, L+n, hd]; callers pass causal only when L == 0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-        return self.proj(y.transpose(1, 2).reshape(B, n, D))
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], D))
 
 
 class MLP(nn.Module):
@@ -213,8 +221,10 @@ class TransformerLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width)
 
-    def forward(self, h, cos, sin, mask, causal, cache=None, layer=0):
-        h = h + self.attn(self.ln_1(h), cos, sin, mask, causal, cache, layer)
+    def forward(self, h, cos, sin, mask, causal, cache=None, layer=0, queries: slice | None = None):
+        """h [B, n, D] -> [B, n, D], or [B, n_q, D] for the positions `queries` only."""
+        a = self.attn(self.ln_1(h), cos, sin, mask, causal, cache, layer, queries)
+        h = (h if queries is None else h[:, queries]) + a
         return h + self.mlp(self.ln_2(h))
 
 

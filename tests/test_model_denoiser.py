@@ -68,3 +68,18 @@ def test_fsm_loss_trains_only_the_denoiser():
         loss.backward()
         opt.step()
     assert float(loss) < first
+
+
+def test_denoise_latest_matches_full_pass_and_padding_is_masked():
+    m = random_model(denoiser_lookahead=0, std=0.2)
+    den = m.denoiser
+    x, a = random_clip(m.config, B=2, T=4)
+    with torch.no_grad():
+        full = den.denoise(x, a)
+        assert (den.denoise_latest(x, a) - full[:, -1]).abs().max() < 1e-12
+        # left padding: garbage frames masked out give the same result as the short window
+        pad = torch.cat([torch.randn_like(x[:, :2]), x[:, 2:]], 1)
+        mask = torch.tensor([[False, False, True, True]] * 2)
+        short = den.denoise_latest(x[:, 2:], a[:, 2:])
+        padded = den.denoise_latest(pad, a, frame_mask=mask)
+        assert (short - padded).abs().max() < 1e-10
