@@ -17,19 +17,27 @@ from sfv_world.autoencoder import IdentityCodec
 from sfv_world.denoiser import DENOISER_WINDOW
 
 
+def mse(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Mean squared error of uint8 images, one value per leading index: [..., H, W, C] -> float64 [...]."""
+    if pred.shape != target.shape:
+        raise ValueError(f"mse: shapes differ, pred {pred.shape} vs target {target.shape}")
+    diff = pred.astype(np.float64) - target.astype(np.float64)
+    return np.mean(diff * diff, axis=(-3, -2, -1))
+
+
+def psnr_from_mse(mse_values: np.ndarray) -> np.ndarray:
+    """PSNR in dB of 8-bit images from their mean squared error (inf for an exact match)."""
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(255.0**2 / np.asarray(mse_values, dtype=np.float64))
+
+
 def psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Peak signal-to-noise ratio in dB of uint8 images, one value per leading index.
 
     pred, target: uint8 [..., H, W, C] of the same shape -> float64 [...] (inf where identical,
     clipped to 100 dB so means stay finite).
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"psnr: shapes differ, pred {pred.shape} vs target {target.shape}")
-    diff = pred.astype(np.float64) - target.astype(np.float64)
-    mse = np.mean(diff * diff, axis=(-3, -2, -1))
-    with np.errstate(divide="ignore"):
-        value = 10.0 * np.log10(255.0**2 / mse)
-    return np.minimum(value, 100.0)
+    return np.minimum(psnr_from_mse(mse(pred, target)), 100.0)
 
 
 def to_hwc_uint8(frames: torch.Tensor) -> np.ndarray:
