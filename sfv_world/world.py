@@ -138,7 +138,9 @@ class WorldRuntime:
         batch_size: number of worlds B.
         sampler: sampler settings (dict of ``configs/sampler`` keys, or :class:`SamplerSettings`).
         context_window: frames the KV cache holds at most (2 .. model ``max_frames``; default max_frames).
-        reencode_keep: frames kept when the window is full (1 .. context_window-1; default half).
+        reencode_keep: frames kept when the window is full (1 .. context_window-1; default
+            min(window-1, max(4, window//4)): re-encoding costs ~keep frames every window-keep steps,
+            and 4 frames still carry velocities and a dream context clip).
         seed: seed of the sampling ``torch.Generator`` (None: nondeterministic).
     """
 
@@ -164,7 +166,8 @@ class WorldRuntime:
         self.context_window = max_frames if context_window is None else int(context_window)
         if not 2 <= self.context_window <= max_frames:
             raise ValueError(f"context_window must be in [2, {max_frames}] (model max_frames), got {context_window}")
-        self.reencode_keep = max(1, self.context_window // 2) if reencode_keep is None else int(reencode_keep)
+        self.reencode_keep = (min(self.context_window - 1, max(4, self.context_window // 4)) if reencode_keep is None
+                              else int(reencode_keep))
         if not 1 <= self.reencode_keep < self.context_window:
             raise ValueError(f"reencode_keep must be in [1, {self.context_window - 1}], got {reencode_keep}")
         p = next(self.flow.parameters())
@@ -397,7 +400,8 @@ class WorldRuntime:
         w = min(n, int(getattr(self.denoiser, "window", 2)))
         xw = st.history_x[:, n - w : n]
         aw = st.history_a[:, n - w : n - 1]
-        return self.denoiser.denoise_latest(xw, aw)
+        mw = st.history_mask[:, n - w : n]
+        return self.denoiser.denoise_latest(xw, aw, frame_mask=None if bool(mw.all()) else mw)
 
     @torch.no_grad()
     def step(self, actions: Any) -> WorldStep:

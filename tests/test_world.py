@@ -91,7 +91,7 @@ def test_seeded_rollouts_reproduce_bit_for_bit(tiny):
 
 
 def test_long_rollout_has_flat_memory_and_no_nan(tiny):
-    rt = WorldRuntime.from_checkpoint(tiny["micro"], batch_size=1, context_window=4, seed=0)
+    rt = WorldRuntime.from_checkpoint(tiny["micro"], batch_size=1, context_window=4, reencode_keep=2, seed=0)
     frames, actions = context(1, 2)  # 16x16, area-resized to the model's 8x8
     rt.reset(frames, actions)
     sizes = set()

@@ -1,0 +1,430 @@
+"""``sfv-world pipeline [overrides]``: collect -> train -> quality -> agent -> real-env evaluation -> report.
+
+Every stage runs through the other commands' ``run(cfg)`` on the same config and writes into the run
+folder ``cfg.run_dir``. A stage whose marker ``<run_dir>/pipeline/<stage>.json`` exists is skipped; an
+interrupted stage is resumed: collection restarts from scratch (it is the cheap stage), training resumes
+from ``checkpoints/last.pt`` (``train.resume=true``), the agents resume from their ``checkpoint.zip``.
+
+Report (``<run_dir>/report/``): ``report.md`` with
+
+- training curves (``training_curves.png``),
+- open-loop prediction quality against horizon (``quality_vs_horizon.png``),
+- dream-against-real GIFs under the same logged actions (``dream_vs_real_<i>.gif``),
+- imagined and real returns of the imagination agent against the model-free baseline and a random
+  policy (``returns.png``),
+
+plus ``agent.json`` (``real_return_mean`` of the imagination agent; with the ``cpu-demo`` preset it is
+also written to ``benchmarks/results/agent.json``) and the stage timings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+STAGES = ("collect", "train", "quality", "agent", "evaluate", "report")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _with(cfg: DictConfig, **updates: Any) -> DictConfig:
+    """A copy of cfg with dotted keys set (new keys allowed)."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        for key, value in updates.items():
+            OmegaConf.update(out, key, value, force_add=True)
+    return out
+
+
+class Stages:
+    """Markers, timings and skipping for the stages of one run folder."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir / "pipeline"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.timings_path = self.dir / "timings.json"
+        self.timings: dict[str, float] = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
+
+    def marker(self, stage: str) -> Path:
+        return self.dir / f"{stage}.json"
+
+    def done(self, stage: str) -> bool:
+        return self.marker(stage).exists()
+
+    def result(self, stage: str) -> Any:
+        return json.loads(self.marker(stage).read_text())
+
+    def run(self, stage: str, fn: Callable[[], Any]) -> Any:
+        if self.done(stage):
+            print(f"[pipeline] {stage}: done before, skipped ({self.marker(stage)})", flush=True)
+            return self.result(stage)
+        print(f"[pipeline] {stage} ...", flush=True)
+        t0 = time.time()
+        result = fn()
+        self.timings[stage] = round(time.time() - t0, 1)
+        self.timings_path.write_text(json.dumps(self.timings, indent=1))
+        self.marker(stage).write_text(json.dumps(result, indent=1, default=_json_default))
+        print(f"[pipeline] {stage}: {self.timings[stage]:.0f} s", flush=True)
+        return result
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_collect(cfg: DictConfig) -> dict[str, Any]:
+    from sfv_world.apps import collect
+    from sfv_world.datasets import DatasetReader, partial_path_for
+
+    path = Path(cfg.dataset)
+    if path.exists():
+        with DatasetReader(path) as reader:
+            if reader.complete:
+                return {"dataset": str(path), "episodes": reader.num_episodes, "transitions": reader.num_transitions,
+                        "reused": True}
+    overwrite = path.exists() or partial_path_for(path).exists()  # an interrupted collection starts over
+    rc = collect.run(_with(cfg, **{"collect.overwrite": overwrite}))
+    if rc not in (0, None):
+        raise SystemExit(f"[pipeline] collect stopped with code {rc}")
+    with DatasetReader(path) as reader:
+        return {"dataset": str(path), "episodes": reader.num_episodes, "transitions": reader.num_transitions,
+                "reused": False}
+
+
+def stage_train(cfg: DictConfig) -> dict[str, Any]:
+    from sfv_world.apps import train
+
+    metrics = train.run(_with(cfg, **{"train.resume": True}))
+    return {"checkpoint": str(cfg.checkpoint), "final": {k: v for k, v in (metrics or {}).items() if "bpd_t" not in k}}
+
+
+def quality_output(cfg: DictConfig) -> Path:
+    """benchmarks/results/quality.json for the cpu-demo preset (the recorded benchmark), else the run folder."""
+    if str(cfg.preset_name) == "cpu-demo":
+        return Path(cfg.quality.output)
+    return Path(cfg.run_dir) / "report" / "quality.json"
+
+
+def stage_quality(cfg: DictConfig) -> dict[str, Any]:
+    from sfv_world.apps import quality
+
+    return quality.run(_with(cfg, **{"quality.output": str(quality_output(cfg))}))
+
+
+def stage_agent(cfg: DictConfig) -> dict[str, Any]:
+    from sfv_world.apps import agent
+
+    return agent.run(_with(cfg, **{"agent.baseline": True}))
+
+
+def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Fresh real-env evaluation of both saved policies and of a random policy (other seeds than training's)."""
+    from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
+    from sfv_world.agents.policies import algo_class
+    from sfv_world.apps.agent import agent_dirs
+    from sfv_world.world import WorldRuntime
+
+    dirs = agent_dirs(cfg)
+    episodes = int(cfg.agent.eval_episodes)
+    seed = 20_000 + int(cfg.seed)
+    runtime = WorldRuntime.from_checkpoint(cfg.checkpoint, batch_size=1)
+    cls = algo_class(cfg.agent.algo)
+    out: dict[str, Any] = {"episodes": episodes, "seed": seed}
+
+    def factory(batch: int) -> WorldRuntime:
+        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler)
+
+    spec = ObservationSpec.from_runtime(runtime, str(cfg.agent.obs_mode), int(cfg.agent.frame_stack))
+    model = cls.load(dirs["imagination"] / "policy.zip", device="cpu")
+    out["imagination"] = evaluate_real(model, cfg.env, spec, episodes, seed, runtime_factory=factory).as_dict()
+    pixel_spec = ObservationSpec("pixels", spec.stored_frame_size, spec.model_frame_size, int(cfg.agent.frame_stack))
+    if (dirs["model_free"] / "policy.zip").exists():
+        model = cls.load(dirs["model_free"] / "policy.zip", device="cpu")
+        out["model_free"] = evaluate_real(model, cfg.env, pixel_spec, episodes, seed).as_dict()
+    out["random"] = evaluate_real(RandomAgent(runtime.dataset_meta, int(cfg.seed)), cfg.env, pixel_spec, episodes,
+                                  seed).as_dict()
+    return out
+
+
+class RandomAgent:
+    """Uniformly random actions with SB3's ``predict`` signature (the random baseline)."""
+
+    def __init__(self, dataset_meta: dict[str, Any], seed: int):
+        from sfv_world.datasets.spaces import deserialize_space
+
+        self.space = deserialize_space(dataset_meta["action_space"])
+        self.space.seed(seed)
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True):
+        return np.stack([self.space.sample() for _ in range(len(obs))]), None
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def dream_vs_real(cfg: DictConfig, report: Path, n: int = 2, context: int = 4, horizon: int = 32) -> list[dict[str, Any]]:
+    """GIFs real | dream | |difference| of test episodes: k real frames, then the logged actions replayed.
+
+    Returns per-GIF facts (episode, steps, mean PSNR). Uses the world runtime (bounded window), so the
+    horizon may exceed the training clip length.
+    """
+    from sfv_world.datasets import DatasetReader
+    from sfv_world.quality import psnr, side_by_side_gif
+    from sfv_world.world import WorldRuntime
+
+    runtime = WorldRuntime.from_checkpoint(cfg.checkpoint, batch_size=1, seed=int(cfg.seed))
+    meta = runtime.dataset_meta
+    ids = list((meta.get("splits") or {}).get("test") or []) or list((meta.get("splits") or {}).get("val") or [])
+    out = []
+    with DatasetReader(meta.get("path") or cfg.dataset) as reader:
+        ids = ids or list(reader.episode_ids)
+        ids = sorted(ids, key=lambda e: -reader.episode_lengths[e])[:n]  # the longest: most to compare
+        for j, eid in enumerate(ids):
+            ep = reader.load_episode(eid)
+            k = min(context, len(ep) + 1)
+            steps = min(horizon, len(ep) + 1 - k)
+            if steps < 1:
+                continue
+            from sfv_world.datasets import area_resize
+
+            real = area_resize(ep.observations, runtime.frame_shape[0])
+            runtime.seed(int(cfg.seed) + j)
+            runtime.reset(real[None, :k], ep.actions[None, : k - 1])
+            dream = []
+            for t in range(steps):
+                dream.append(runtime.step(ep.actions[None, k - 1 + t]).frames[0])
+            dream = np.stack(dream)
+            truth = real[k : k + steps]
+            path = side_by_side_gif(truth, dream, report / f"dream_vs_real_{j}.gif")
+            out.append({"gif": path.name, "episode": int(eid), "context": k, "steps": steps,
+                        "psnr_mean": round(float(psnr(dream, truth).mean()), 2)})
+    return out
+
+
+def plot_training(run_dir: Path, report: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sfv_world.train import read_metrics
+
+    csv_path = run_dir / "train" / "metrics.csv"
+    if not csv_path.exists():
+        return None
+    m = read_metrics(csv_path)
+    panels = [("train/flow_loss", "flow loss (nats/dim - const)"), ("train/denoiser_loss", "denoiser loss"),
+              ("train/head_loss", "reward + termination loss"), ("val/bpd", "held-out bits/dim")]
+    panels = [(k, t) for k, t in panels if k in m]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(np.atleast_1d(axes), panels):
+        steps, values = zip(*m[key])
+        ax.plot(steps, values, marker="o" if key.startswith("val/") else None, ms=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report / "training_curves.png", dpi=110)
+    plt.close(fig)
+    return "training_curves.png"
+
+
+def plot_quality(quality: dict[str, Any] | None, report: Path) -> str | None:
+    if not quality or "psnr_model" not in quality:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = np.arange(1, len(quality["psnr_model"]) + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(h, quality["psnr_model"], marker="o", label="world model")
+    ax.plot(h, quality["psnr_copy_last"], marker="s", label="copy last context frame")
+    ax.set_xlabel("steps after the context")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title("open-loop prediction on held-out episodes", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report / "quality_vs_horizon.png", dpi=110)
+    plt.close(fig)
+    return "quality_vs_horizon.png"
+
+
+def plot_returns(cfg: DictConfig, evaluation: dict[str, Any] | None, report: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sfv_world.agents.imagination import read_eval_csv
+    from sfv_world.apps.agent import agent_dirs
+
+    dirs = agent_dirs(cfg)
+    im_csv, mf_csv = dirs["imagination"] / "eval.csv", dirs["model_free"] / "eval.csv"
+    if not im_csv.exists():
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    im = read_eval_csv(im_csv)
+    axes[0].plot(im["timesteps"], im["real_return_mean"], marker="o", label="real env (same policy)")
+    axes[0].plot(im["timesteps"], im["imagined_return_mean"], marker="s", label="imagined (dream episodes)")
+    axes[0].set_xlabel("dream steps")
+    axes[0].set_title(f"{cfg.agent.algo.upper()} trained only in imagination ({cfg.agent.obs_mode})", fontsize=9)
+    if mf_csv.exists():
+        mf = read_eval_csv(mf_csv)
+        axes[1].plot(mf["timesteps"], mf["real_return_mean"], marker="o", color="C2", label="model-free, real env")
+    if evaluation:
+        axes[1].axhline(evaluation["imagination"]["return_mean"], color="C0", ls="--", label="imagination agent (final)")
+        if "random" in evaluation:
+            axes[1].axhline(evaluation["random"]["return_mean"], color="gray", ls=":", label="random policy")
+    axes[1].set_xlabel("real env steps")
+    axes[1].set_title("against the model-free baseline with the same real steps", fontsize=9)
+    for ax in axes:
+        ax.set_ylabel("mean return")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report / "returns.png", dpi=110)
+    plt.close(fig)
+    return "returns.png"
+
+
+def stage_report(cfg: DictConfig, stages: Stages, t_start: float) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
+    report = run_dir / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    collect = stages.result("collect") if stages.done("collect") else {}
+    train = stages.result("train") if stages.done("train") else {}
+    quality = stages.result("quality") if stages.done("quality") else None
+    agent = stages.result("agent") if stages.done("agent") else {}
+    evaluation = stages.result("evaluate") if stages.done("evaluate") else None
+    figs = {"training": plot_training(run_dir, report), "quality": plot_quality(quality, report),
+            "returns": plot_returns(cfg, evaluation, report)}
+    gifs = dream_vs_real(cfg, report)
+
+    im = (evaluation or {}).get("imagination") or {}
+    agent_json = {
+        "preset": str(cfg.preset_name),
+        "env": str(cfg.env.id),
+        "algo": str(cfg.agent.algo),
+        "obs_mode": str(cfg.agent.obs_mode),
+        "real_return_mean": im.get("return_mean"),
+        "real_return_std": im.get("return_std"),
+        "eval_episodes": im.get("episodes"),
+        "model_free_real_return_mean": ((evaluation or {}).get("model_free") or {}).get("return_mean"),
+        "random_real_return_mean": ((evaluation or {}).get("random") or {}).get("return_mean"),
+        "real_frames_used": collect.get("transitions"),
+        "dream_steps": (agent.get("imagination") or {}).get("dream_steps"),
+        "target_real_return_mean": 200.0,
+        "meets_target": None if im.get("return_mean") is None else bool(im["return_mean"] >= 200.0),
+        "pipeline_wall_s": round(sum(v for k, v in stages.timings.items() if k != "report"), 1),
+        "stage_wall_s": stages.timings,
+    }
+    (report / "agent.json").write_text(json.dumps(agent_json, indent=1, default=_json_default))
+    if str(cfg.preset_name) == "cpu-demo":
+        bench = REPO / "benchmarks" / "results" / "agent.json"
+        bench.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report / "agent.json", bench)
+
+    def fmt(x: Any, nd: int = 1) -> str:
+        return "n/a" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+    lines = [f"# sfv-world run report: {cfg.preset_name} on {cfg.env.id}", "",
+             f"Run folder `{run_dir}`. Pipeline wall time {agent_json['pipeline_wall_s']:.0f} s "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in stages.timings.items() if k != 'report')}; the report itself not included).", "",
+             "## Data", "",
+             f"{collect.get('episodes', 'n/a')} episodes, {collect.get('transitions', 'n/a')} real transitions "
+             f"(`{cfg.collect.policy}` policy), stored at {cfg.collect.frame_size}x{cfg.collect.frame_size}; "
+             f"the model works at {cfg.model.frame_size}x{cfg.model.frame_size}.", "",
+             "## World model", ""]
+    final = train.get("final") or {}
+    if final:
+        lines.append("Final training metrics: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in sorted(final.items()) if isinstance(v, (int, float))) + ".")
+        lines.append("")
+    if figs["training"]:
+        lines += [f"![training curves]({figs['training']})", ""]
+    if quality:
+        lines += [f"Open-loop prediction on {quality.get('windows')} held-out windows, {quality.get('context')} "
+                  f"context frames (termination F1 {fmt(quality.get('termination_f1'), 3)}, reward MAE "
+                  f"{fmt(quality.get('reward_mae'), 4)}):", "",
+                  "| steps ahead | PSNR model (dB) | PSNR copy-last (dB) |", "|---|---|---|"]
+        for h, (m, c) in enumerate(zip(quality["psnr_model"], quality["psnr_copy_last"]), start=1):
+            lines.append(f"| {h} | {m:.2f} | {c:.2f} |")
+        lines.append("")
+    if figs["quality"]:
+        lines += [f"![quality vs horizon]({figs['quality']})", ""]
+    if gifs:
+        lines += ["Dream against real under the same logged actions (real | dream | |difference|):", ""]
+        for g in gifs:
+            lines += [f"![dream vs real, episode {g['episode']}]({g['gif']}) episode {g['episode']}: {g['context']} "
+                      f"real frames, then {g['steps']} dreamed steps, mean PSNR {g['psnr_mean']:.1f} dB", ""]
+    lines += ["## Agents", "",
+              f"`{cfg.agent.algo}` with `{cfg.agent.obs_mode}` observations, trained only in the dream "
+              f"({fmt(agent_json['dream_steps'])} dream steps, {cfg.agent.n_envs} worlds, horizon {cfg.agent.horizon}); "
+              f"the model-free baseline trains the same algorithm in the real env for as many real steps as the "
+              f"dataset holds ({fmt(collect.get('transitions'))}).", "",
+              "| policy | real-env mean return | std | episodes |", "|---|---|---|---|"]
+    for name, key in (("imagination (dream only)", "imagination"), ("model-free (real steps)", "model_free"),
+                      ("random", "random")):
+        e = (evaluation or {}).get(key)
+        if e:
+            lines.append(f"| {name} | {e['return_mean']:.1f} | {e['return_std']:.1f} | {e['episodes']} |")
+    lines += ["", f"Target: mean real return >= 200 over 20 episodes: "
+              f"{'met' if agent_json['meets_target'] else 'not met'}.", ""]
+    if figs["returns"]:
+        lines += [f"![returns]({figs['returns']})", ""]
+    (report / "report.md").write_text("\n".join(lines))
+    print(f"[pipeline] report: {report / 'report.md'}", flush=True)
+    return {"report": str(report / "report.md"), "figures": figs, "gifs": gifs, "agent": agent_json,
+            "total_wall_s": round(time.time() - t_start, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "pipeline_config.yaml", resolve=True)
+    stages = Stages(run_dir)
+    t0 = time.time()
+    results = {
+        "collect": stages.run("collect", lambda: stage_collect(cfg)),
+        "train": stages.run("train", lambda: stage_train(cfg)),
+        "quality": stages.run("quality", lambda: stage_quality(cfg)),
+        "agent": stages.run("agent", lambda: stage_agent(cfg)),
+        "evaluate": stages.run("evaluate", lambda: stage_evaluate(cfg)),
+    }
+    results["report"] = stages.run("report", lambda: stage_report(cfg, stages, t0))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sfv_world.apps.cli import compose
+
+    run(compose(list(sys.argv[1:] if argv is None else argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
