@@ -1,0 +1,70 @@
+"""``sfv-world pipeline`` end to end on a tiny config: every stage, the report, and skipping on re-run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sfv_world.apps.cli import compose
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_pipeline_cfg(run_dir):
+    return compose([
+        "preset=tiny", "device=cpu", f"run_dir={run_dir}", "seed=0", "env=cartpole",
+        "collect.episodes=8", "collect.frame_size=32", "collect.progress=false",
+        "train.steps=6", "train.eval_every=6", "train.checkpoint_every=3", "train.log_every=1",
+        "quality.context=2", "quality.horizon=2", "quality.max_windows=4",
+        "agent.n_envs=4", "agent.total_timesteps=64", "agent.eval_every=64", "agent.eval_episodes=1",
+        "agent.horizon=8", "agent.frame_stack=2",
+        "+agent.baseline_steps=32", "+agent.baseline_n_envs=2",
+        "+agent.algo_kwargs.n_steps=16", "+agent.algo_kwargs.batch_size=32", "+agent.algo_kwargs.n_epochs=1",
+    ])
+
+
+def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(tmp_path):
+    from sfv_world.apps import pipeline
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    results = pipeline.run(cfg)
+    report = tmp_path / "report"
+    text = (report / "report.md").read_text()
+    for fig in ("training_curves.png", "quality_vs_horizon.png", "returns.png", "dream_vs_real_0.gif"):
+        assert (report / fig).is_file(), fig
+        assert fig in text
+    agent_json = json.loads((report / "agent.json").read_text())
+    assert agent_json["real_return_mean"] is not None and agent_json["real_return_mean"] > 0
+    assert agent_json["model_free_real_return_mean"] is not None and agent_json["random_real_return_mean"] > 0
+    assert agent_json["real_frames_used"] == results["collect"]["transitions"]
+    assert set(agent_json["stage_wall_s"]) == {"collect", "train", "quality", "agent", "evaluate"}
+    assert (tmp_path / "agent" / "ppo-pixels" / "policy.zip").is_file()
+    assert (tmp_path / "agent" / "model_free-ppo" / "policy.zip").is_file()
+
+    # a second run finds every stage's output and redoes nothing
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    mtime = ckpt.stat().st_mtime_ns
+    again = pipeline.run(cfg)
+    assert ckpt.stat().st_mtime_ns == mtime
+    assert again["evaluate"] == json.loads(json.dumps(results["evaluate"]))
+
+
+def test_pipeline_restarts_an_interrupted_collection(tmp_path):
+    from sfv_world.apps.pipeline import stage_collect
+    from sfv_world.datasets import partial_path_for
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    partial = partial_path_for(cfg.dataset)
+    partial.mkdir(parents=True)
+    (partial / "junk").write_text("left by a killed collector")
+    out = stage_collect(cfg)
+    assert out["episodes"] == 8 and not out["reused"] and not partial.exists()
+    assert stage_collect(cfg)["reused"]
