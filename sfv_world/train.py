@@ -235,6 +235,12 @@ class Trainer:
         )
         self.train_set = ClipDataset(self.reader, self.splits["train"], **clip_kwargs)
         self.val_set = ClipDataset(self.reader, self.splits["val"], **clip_kwargs) if self.splits["val"] else None
+        if self.tcfg.get("exclude_actions"):  # OOD case (a): windows using these actions are never trained on
+            from sfv_world.datasets.filters import exclude_action_windows
+
+            for clips in (self.train_set, self.val_set):
+                if clips is not None:
+                    exclude_action_windows(clips, list(self.tcfg.exclude_actions))
         if len(self.train_set) < self.tcfg.batch_size * self.world_size:
             raise ValueError(
                 f"dataset {cfg.dataset}: only {len(self.train_set)} training windows of {self.tcfg.clip_len} frames, "
