@@ -49,6 +49,7 @@ class AgentSettings:
     eval_every: int = 50_000
     eval_episodes: int = 20
     context_frames: int = 4
+    context_start: str = "random"
     seed: int = 0
     device: str = "cpu"
     sampler: dict[str, Any] = field(default_factory=dict)
@@ -170,7 +171,8 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     torch.manual_seed(settings.seed)
     venv = DreamSB3VecEnv(
         checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, frame_stack=settings.frame_stack,
-        horizon=settings.horizon, context_frames=settings.context_frames, sampler=settings.sampler or None,
+        horizon=settings.horizon, context_frames=settings.context_frames, context_start=settings.context_start,
+        sampler=settings.sampler or None,
         device=settings.device,
     )
     venv.seed(settings.seed)

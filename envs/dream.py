@@ -33,6 +33,7 @@ from gymnasium.vector.utils import batch_space
 from sfv_world.envs.wrappers import stack_frames, stacked_frame_space
 
 OBS_MODES = ("pixels", "latent")
+CONTEXT_STARTS = ("random", "episode_start")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,11 +66,13 @@ def load_context_pool(
     frame_size: int,
     pool_size: int = 512,
     seed: int = 0,
+    start: str = "random",
 ) -> ContextPool:
-    """Read up to ``pool_size`` context clips of ``context_frames`` frames from ``dataset``.
+    """Read ``pool_size`` context clips of ``context_frames`` frames from ``dataset``.
 
-    Clips start at uniformly drawn positions of uniformly drawn episodes of ``episode_ids`` (the train
-    split; all episodes when None) and are area-resized to ``frame_size``. Deterministic in ``seed``.
+    Clips come from uniformly drawn episodes of ``episode_ids`` (the train split; all episodes when
+    None) and start at a uniformly drawn position (``start="random"``) or at the episode's first frame
+    (``start="episode_start"``); they are area-resized to ``frame_size``. Deterministic in ``seed``.
     """
     from sfv_world.datasets import DatasetReader, area_resize
 
@@ -89,12 +92,12 @@ def load_context_pool(
             if eid not in cached:
                 cached = {eid: reader.load_episode(eid, observations=False).actions}
             n_frames = reader.episode_lengths[eid] + 1
-            start = int(rng.integers(0, n_frames - context_frames + 1))
-            clip = reader.read_frames(eid, start, start + context_frames)
+            first = 0 if start == "episode_start" else int(rng.integers(0, n_frames - context_frames + 1))
+            clip = reader.read_frames(eid, first, first + context_frames)
             if clip.shape[1] != frame_size or clip.shape[2] != frame_size:
                 clip = np.stack([area_resize(f, frame_size) for f in clip])
             frames.append(clip)
-            actions.append(cached[eid][start : start + context_frames - 1])
+            actions.append(cached[eid][first : first + context_frames - 1])
     return ContextPool(np.stack(frames).astype(np.uint8), np.stack(actions))
 
 
@@ -158,6 +161,9 @@ class DreamCore:
         context_window: frames kept in the KV cache (default: the model's ``max_frames``).
         runtime: an existing :class:`~sfv_world.world.WorldRuntime` with ``batch_size == num_envs``.
         context_pool: explicit :class:`ContextPool` instead of reading ``dataset``.
+        pool_size: context clips read from the dataset once, at construction.
+        context_start: ``"random"`` (clips start anywhere in an episode) or ``"episode_start"`` (clips
+            are the first frames of episodes: the real env's initial-state distribution).
     """
 
     def __init__(
@@ -177,6 +183,7 @@ class DreamCore:
         runtime=None,
         context_pool: ContextPool | None = None,
         pool_size: int = 512,
+        context_start: str = "random",
     ):
         from sfv_world.datasets.spaces import deserialize_space
         from sfv_world.world import WorldRuntime
@@ -219,15 +226,25 @@ class DreamCore:
         else:
             self.observation_space = spaces.Box(-np.inf, np.inf, shape=(runtime.feature_dim,), dtype=np.float32)
 
+        if self.context_frames > runtime.context_window:
+            raise ValueError(
+                f"context_frames={context_frames} exceeds the world's context window of {runtime.context_window} frames"
+            )
+        if context_start not in CONTEXT_STARTS:
+            raise ValueError(f"context_start must be one of {CONTEXT_STARTS}, got {context_start!r}")
+        self.missing_dataset: str | None = None
         if context_pool is None:
+            if dataset is not None and not Path(dataset).exists():
+                raise ValueError(f"dataset={str(dataset)!r} does not exist")
             dataset = dataset if dataset is not None else meta.get("path")
             if dataset is None or not Path(dataset).exists():
-                context_pool = None  # reset(options={"frames": ...}) still works
-                self._missing_dataset = dataset
+                context_pool = None  # reset(options={"frames": ...}) still works; a plain reset() explains
+                self.missing_dataset = str(dataset)
             else:
                 splits = meta.get("splits") or {}
                 context_pool = load_context_pool(
-                    dataset, splits.get("train"), self.context_frames, self.height, pool_size=pool_size
+                    dataset, splits.get("train"), self.context_frames, self.height, pool_size=pool_size,
+                    start=context_start,
                 )
         self.pool = context_pool
 
@@ -306,8 +323,8 @@ class DreamCore:
         else:
             if self.pool is None:
                 raise ValueError(
-                    f"no dataset to take dream context from ({getattr(self, '_missing_dataset', None)} does not "
-                    "exist): pass dataset=<folder> or reset(options={'frames': ..., 'actions': ...})"
+                    f"no dataset to take dream context from (the checkpoint's dataset {self.missing_dataset} does "
+                    "not exist here): pass dataset=<folder> or reset(options={'frames': ..., 'actions': ...})"
                 )
             frames, actions = self.pool.sample(self.rng, n)
         row_arg = None if n == self.num_envs and np.array_equal(rows, np.arange(self.num_envs)) else rows

@@ -263,7 +263,7 @@ class WorldRuntime:
             from sfv_world.datasets import area_resize
 
             f = area_resize(f, (h, w))
-        t = torch.from_numpy(np.ascontiguousarray(f)).to(self.device)
+        t = torch.from_numpy(np.array(f, copy=not f.flags.writeable or not f.flags.c_contiguous)).to(self.device)
         return self.codec.encode(t.movedim(-1, -3))
 
     def _actions_to_model(self, actions: Any, lead: tuple[int, ...], name: str) -> torch.Tensor:

@@ -230,3 +230,26 @@ def test_invalid_actions_and_arguments(ckpts):
         DreamEnv(checkpoint=ckpts["plain"], obs_mode="rgb")
     with pytest.raises(ValueError, match="horizon must be >= 1"):
         DreamEnv(checkpoint=ckpts["plain"], horizon=0)
+
+
+def test_context_sources_and_their_errors(ckpts, tmp_path):
+    from sfv_world.datasets import DatasetReader
+
+    env = DreamEnv(checkpoint=ckpts["plain"], context_start="episode_start", context_frames=2)
+    with DatasetReader(load_checkpoint(ckpts["plain"])["dataset"]["path"]) as r:
+        firsts = {r.read_frames(e, 0, 1)[0].tobytes() for e in r.episode_ids}
+    assert all(f.tobytes() in firsts for f in env.core.pool.frames[:, 0])
+    with pytest.raises(ValueError, match="does not exist"):
+        DreamEnv(checkpoint=ckpts["plain"], dataset=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="context_start must be one of"):
+        DreamEnv(checkpoint=ckpts["plain"], context_start="middle")
+    with pytest.raises(ValueError, match="exceeds the world's context window"):
+        DreamEnv(checkpoint=ckpts["plain"], context_frames=9)
+    payload = load_checkpoint(ckpts["plain"])
+    payload["dataset"]["path"] = str(tmp_path / "moved")
+    save_checkpoint(tmp_path / "moved.pt", payload)
+    env = DreamEnv(checkpoint=tmp_path / "moved.pt")
+    with pytest.raises(ValueError, match="no dataset to take dream context from"):
+        env.reset(seed=0)
+    obs, _ = env.reset(seed=0, options={"frames": np.zeros((16, 16, 3), np.uint8)})
+    assert (obs == 0).all()
