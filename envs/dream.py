@@ -15,7 +15,9 @@ An imagined episode starts from real context (``context_frames`` frames and the 
 sampled from the train split of the checkpoint's dataset (read through ``sfv_world.datasets``), or from
 ``reset(options={"frames": ..., "actions": ...})``; one image is enough. It terminates when the
 termination head's probability exceeds ``termination_threshold`` and is truncated after ``horizon``
-steps. ``info`` holds ``log_likelihood`` (bits/dim of the newest frame) and ``jacobi_iterations``.
+steps. ``info`` holds ``log_likelihood`` (bits/dim of the newest frame), ``jacobi_iterations``, and
+``ood_score`` / ``ood`` (``sfv_world.ood.OODMonitor`` with the checkpoint's calibration; reset infos carry the
+context's score).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from sfv_world.envs.wrappers import stack_frames, stacked_frame_space
+from sfv_world.ood import frame_positions
 
 OBS_MODES = ("pixels", "latent")
 CONTEXT_STARTS = ("random", "episode_start")
@@ -184,6 +187,7 @@ class DreamCore:
         context_pool: ContextPool | None = None,
         pool_size: int = 512,
         context_start: str = "random",
+        ood_score: str | None = None,
     ):
         from sfv_world.datasets.spaces import deserialize_space
         from sfv_world.world import WorldRuntime
@@ -247,6 +251,10 @@ class DreamCore:
                     start=context_start,
                 )
         self.pool = context_pool
+        # OOD scores for info["ood_score"] / info["ood"] (issue 7): the checkpoint's calibration, if any
+        from sfv_world.ood import OODMonitor
+
+        self.ood = OODMonitor.from_runtime(runtime, self.num_envs, ood_score)
 
         n, s = self.num_envs, self.frame_stack
         self.stack = np.zeros((n, s, self.height, self.width, self.channels), dtype=np.uint8)
@@ -341,6 +349,7 @@ class DreamCore:
         return {
             "log_likelihood": out.log_likelihood[:, -1].astype(np.float32),
             "context_log_likelihood": out.log_likelihood.astype(np.float32),
+            **self.ood.reset_rows(rows, out.log_likelihood, ctx),
         }
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -358,6 +367,7 @@ class DreamCore:
         info = {
             "log_likelihood": out.log_likelihood.astype(np.float32),
             "jacobi_iterations": out.jacobi_iterations.astype(np.int64),
+            **self.ood.step(out.log_likelihood, out.frames, frame_positions(self.runtime)),
         }
         return self.observations(), out.rewards.astype(np.float32), terminated, truncated, info
 
@@ -410,7 +420,8 @@ class DreamEnv(gym.Env):
             float(rew[0]),
             bool(term[0]),
             bool(trunc[0]),
-            {"log_likelihood": float(info["log_likelihood"][0]), "jacobi_iterations": int(info["jacobi_iterations"][0])},
+            {"log_likelihood": float(info["log_likelihood"][0]), "jacobi_iterations": int(info["jacobi_iterations"][0]),
+             "ood_score": float(info["ood_score"][0]), "ood": bool(info["ood"][0])},
         )
 
     def render(self):
