@@ -209,3 +209,14 @@ def test_bad_inputs_raise_clear_errors(tiny, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable"):
         WorldRuntime.from_checkpoint(tmp_path / "garbage.pt")
+
+
+def test_reset_rows_as_a_permutation_routes_each_context_to_its_row(tiny):
+    frames, actions = context(3, 2)
+    a = WorldRuntime.from_checkpoint(tiny["ckpt64"], batch_size=3, seed=4)
+    b = WorldRuntime.from_checkpoint(tiny["ckpt64"], batch_size=3, seed=4)
+    ra = a.reset(frames, actions)
+    rb = b.reset(frames, actions, rows=[2, 0, 1])  # context i -> world rows[i]
+    np.testing.assert_allclose(rb.log_likelihood, ra.log_likelihood, rtol=0, atol=1e-9)
+    for i, row in enumerate([2, 0, 1]):
+        torch.testing.assert_close(b.state.history_x[row], a.state.history_x[i], rtol=0, atol=0)
