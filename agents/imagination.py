@@ -54,10 +54,11 @@ class AgentSettings:
     device: str = "cpu"
     sampler: dict[str, Any] = field(default_factory=dict)
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
+    ood_truncate: bool = False  # truncate imagined episodes the world model flags as OOD (sfv_world.envs.ood)
 
     @classmethod
     def from_config(cls, agent_cfg: Any, **extra: Any) -> "AgentSettings":
-        """From an ``agent`` config mapping; unknown keys (e.g. ood_truncate) are ignored."""
+        """From an ``agent`` config mapping; unknown keys are ignored."""
         known = {f for f in cls.__dataclass_fields__}
         d = {k: v for k, v in dict(agent_cfg).items() if k in known}
         d.update({k: v for k, v in extra.items() if k in known and v is not None})
@@ -189,7 +190,12 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
 
     policy_name, policy_kwargs = policy_for(settings.obs_mode, venv.observation_space, settings.policy)
     cls = algo_class(settings.algo)
-    monitored = VecMonitor(venv)
+    if settings.ood_truncate:
+        from sfv_world.envs.ood import OODTruncationVecEnv
+
+        monitored = VecMonitor(OODTruncationVecEnv(venv))
+    else:
+        monitored = VecMonitor(venv)
     ckpt = out / "checkpoint.zip"
     if ckpt.exists():
         model = cls.load(ckpt, env=monitored, device="cpu", tensorboard_log=str(out / "tb"))
