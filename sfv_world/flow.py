@@ -55,12 +55,6 @@ class Permutation(nn.Module):
         T = N // self.frame_len
         return x.reshape(B, T, self.frame_len, *x.shape[2:]).flip(2).reshape(x.shape)
 
-    def slots(self, start: int, n: int) -> slice | torch.Tensor:
-        """Natural-order indices of permuted slots [start, start+n) (within one frame for flips)."""
-        if self.kind == "identity":
-            return slice(start, start + n)
-        return torch.arange(self.frame_len - 1 - start, self.frame_len - 1 - start - n, -1)
-
     def extra_repr(self) -> str:
         return self.kind
 

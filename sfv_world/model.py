@@ -459,7 +459,8 @@ class StarFlowV(nn.Module):
         """Generate the next frame of every row and append it to `state`.
 
         action int64 [B] | float [B, k] (a_{t-1}, leading from the newest frame; ignored for rows
-        without a real frame, which start a sequence); noise [B, F, d] | None (v; drawn from
+        without a real frame, which start a sequence; None = the NULL action, i.e. unconditional);
+        noise [B, F, d] | None (v; drawn from
         `generator` when None), scaled by temperature; method "jacobi" | "sequential"; cfg_scale w
         needs a state encoded with cfg=True.
         """

@@ -46,15 +46,19 @@ class ActionEmbedding(nn.Module):
     def __init__(self, action_kind: str, action_dim: int, width: int):
         super().__init__()
         self.kind = action_kind
+        # Unit-scale embeddings at init, comparable to W_in(s): with GPT-style 0.02 the unconditional
+        # shallow blocks learn to model the action's effect as multimodality before the deep block
+        # starts to read the action (measured on a toy whose next frame is set by the action: the
+        # action was then all but ignored; at unit scale it is used from the first steps).
         if action_kind == "discrete":
-            self.embed = nn.Embedding(action_dim, width)
-            nn.init.normal_(self.embed.weight, std=0.02)
+            self.embed = nn.Embedding(action_dim, width)  # N(0, 1)
         elif action_kind == "box":
             self.embed = nn.Sequential(nn.Linear(action_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
+            nn.init.normal_(self.embed[2].weight, std=3.0 / width ** 0.5)  # ~unit-scale output
         else:
             raise ValueError(f"action_kind={action_kind!r}: expected 'discrete' or 'box'")
-        self.start = nn.Parameter(0.02 * torch.randn(width))
-        self.null = nn.Parameter(0.02 * torch.randn(width))
+        self.start = nn.Parameter(torch.randn(width))
+        self.null = nn.Parameter(torch.randn(width))
 
     def forward(self, actions: torch.Tensor) -> torch.Tensor:
         """actions int64 [...] (discrete) or float [..., k] (box) -> [..., D]."""
