@@ -9,10 +9,16 @@ x_tilde.grad = grad(NLL)/loss_numel and
 one Tweedie step is x_hat = x_tilde + sigma^2 grad log p = x_tilde - sigma * s_phi(x_tilde).
 
 Network: patch tokens of all frames -> proj_in (+ frame-aligned action conditioning, as in the deep
-block) -> transformer layers with full attention inside a frame -> zero-initialised proj_out. Frame
-mask: layer 0 lets frame n see frames <= n + lookahead; every later layer frames <= n. So across all
-layers the output for frame n depends on frames <= n + lookahead (lookahead 0 or 1) -- one frame of
-look-ahead in total, not per layer (the release's mask leaks (A-1) * layers frames, §4.2).
+block) -> transformer layers -> zero-initialised proj_out. Masks (full attention inside a frame):
+
+    layer 0:        frame n sees frames n-G+1 .. n+lookahead     (G = window = DENOISER_WINDOW)
+    layers 1..L-1:  frame n sees frame n only
+
+so across all layers the output for frame n depends on exactly frames n-G+1 .. n+lookahead
+(lookahead 0 or 1): one frame of look-ahead in total, not per layer (the release's mask leaks
+(A-1) * layers frames, §4.2), and a past window that does not grow with depth. Temporal mixing
+happens in the first layer; the later layers refine each frame spatially. At generation this
+makes the newest frame cheap: later layers run on its F tokens only.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from sfv_world.flow import TransformerLayer
 from sfv_world.rope import rope_cos_sin, token_positions
 from sfv_world.tokens import ActionEmbedding, patchify, unpatchify
 
-DENOISER_WINDOW = 4  # frames handed to the denoiser at generation (the newest plus 3 past)
+DENOISER_WINDOW = 4  # G: frame n sees frames n-G+1 .. n+lookahead (the newest plus 3 past)
 
 
 def score_target(x_tilde_grad: torch.Tensor, sigma: float, loss_numel_scale: float | torch.Tensor) -> torch.Tensor:
@@ -53,17 +59,19 @@ class FlowScoreDenoiser(nn.Module):
 
     def frame_masks(self, T: int, device, frame_mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention masks for layer 0 (frames <= n + lookahead) and later layers (frames <= n).
+        """Attention masks for layer 0 (frames n-G+1 .. n+lookahead) and later layers (frame n).
 
         Each [N, N] bool, or [B, 1, N, N] with frame_mask bool [B, T] (False frames are masked keys;
         a query always sees its own frame, so padding rows stay finite).
         """
         F = self.config.tokens_per_frame
         f = torch.arange(T, device=device).repeat_interleave(F)
-        first, rest = f[None, :] <= f[:, None] + self.lookahead, f[None, :] <= f[:, None]
+        fq, fk = f[:, None], f[None, :]
+        first = (fk <= fq + self.lookahead) & (fk > fq - self.window)
+        rest = fk == fq
         if frame_mask is None:
             return first, rest
-        keys = frame_mask.repeat_interleave(F, dim=1)[:, None, :] | (f[None, :] == f[:, None])  # [B, N, N]
+        keys = frame_mask.repeat_interleave(F, dim=1)[:, None, :] | rest  # [B, N, N]
         return (first & keys)[:, None], (rest & keys)[:, None]
 
     def forward(self, x_tilde: torch.Tensor, actions: torch.Tensor, drop_actions: torch.Tensor | None = None,
@@ -72,7 +80,7 @@ class FlowScoreDenoiser(nn.Module):
         [B, T] | None (False = padding: masked keys, and the next real frame gets START).
 
         Returns the score estimate [B, T, C, H, W] (target scale: sigma * grad NLL), or only the
-        newest frame's [B, 1, C, H, W] with last_frame_only (its last layer computes F queries).
+        newest frame's [B, 1, C, H, W] with last_frame_only (F queries in layer 0, then F tokens).
         """
         c = self.config
         B, T = x_tilde.shape[:2]
@@ -83,15 +91,15 @@ class FlowScoreDenoiser(nn.Module):
         frames = torch.arange(T, dtype=torch.float64, device=x_tilde.device)
         cos, sin = rope_cos_sin(token_positions(c.grid, c.grid, frames), c.head_dim)
         first, rest = self.frame_masks(T, x_tilde.device, frame_mask)
-        L = len(self.layers)
         for i, layer in enumerate(self.layers):
-            mask = first if i == 0 else rest
-            if last_frame_only and i == L - 1:
+            if not last_frame_only:
+                h = layer(h, cos, sin, first if i == 0 else rest, False)
+            elif i == 0:  # the newest frame's queries against the window's keys
                 q = slice((T - 1) * F, T * F)
-                h = layer(h, cos, sin, mask[..., q, :], False, queries=q)
-                T = 1
-            else:
-                h = layer(h, cos, sin, mask, False)
+                h = layer(h, cos, sin, first[..., q, :], False, queries=q)  # [B, F, D]
+                cos, sin, T = cos[q], sin[q], 1
+            else:  # frame-local layers: the newest frame alone is exact
+                h = layer(h, cos, sin, None, False)
         score = self.proj_out(self.norm(h)).reshape(B, T, F, c.token_dim)
         return unpatchify(score, c.patch_size, c.channels, c.frame_size, c.frame_size)
 
@@ -105,8 +113,8 @@ class FlowScoreDenoiser(nn.Module):
         """Denoise the newest frame of a short window in one batched pass.
 
         x_window [B, W, C, H, W] (oldest first); actions [B, W-1(, k)]; frame_mask bool [B, W] | None
-        (False = padding frames, e.g. GenerationState.history_mask). Returns [B, C, H, W]. The last
-        layer only computes the newest frame's queries. With lookahead 1 the newest frame is denoised
+        (False = padding frames, e.g. GenerationState.history_mask). Returns [B, C, H, W]. Only the
+        newest frame's tokens are computed (layer 0 reads the window's keys). With lookahead 1 the newest frame is denoised
         without its look-ahead frame (as the last frame of a training clip); for the exact
         one-frame-lagged output use `denoise_frame(..., index=-2)`.
         """

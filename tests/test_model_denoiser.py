@@ -12,6 +12,7 @@ from test_model_helpers import one_thread, random_clip, random_model, tiny_confi
 def test_receptive_field_across_all_layers(lookahead):
     m = random_model(denoiser_lookahead=lookahead, denoiser_layers=3, std=0.2)
     den = m.denoiser
+    den.window = 2  # G < T - 1 so the past bound is measured too
     T = 5
     x, a = random_clip(m.config, B=1, T=T)
     with torch.no_grad():
@@ -22,7 +23,8 @@ def test_receptive_field_across_all_layers(lookahead):
             s2 = den(x2, a)
             for n in range(T):
                 changed = not torch.equal(s2[:, n], s[:, n])
-                assert changed == (n + lookahead >= k), (k, n)  # frame n sees frames <= n + lookahead
+                # frame n sees exactly frames n-G+1 .. n+lookahead
+                assert changed == (n - den.window < k <= n + lookahead), (k, n)
 
 
 def test_denoiser_action_causality():
@@ -77,6 +79,12 @@ def test_denoise_latest_matches_full_pass_and_padding_is_masked():
     with torch.no_grad():
         full = den.denoise(x, a)
         assert (den.denoise_latest(x, a) - full[:, -1]).abs().max() < 1e-12
+        # frames before the window do not matter
+        x_old = x.clone()
+        x_old[:, 0] += 1.0
+        den.window = 3
+        assert torch.equal(den.denoise_latest(x_old, a), den.denoise_latest(x, a))
+        den.window = 4
         # left padding: garbage frames masked out give the same result as the short window
         pad = torch.cat([torch.randn_like(x[:, :2]), x[:, 2:]], 1)
         mask = torch.tensor([[False, False, True, True]] * 2)
