@@ -47,7 +47,8 @@ class RewardTerminationHead(nn.Module):
         """Masked mean of the reward loss (MSE, or cross-entropy over sign classes) plus the
         termination binary cross-entropy. rewards float [B, T-1], terminations bool [B, T-1],
         mask bool [B, T-1] | None. Returns (scalar, metrics)."""
-        reward, termination_logit = reward.float(), termination_logit.float()  # autocast-safe
+        dt = torch.promote_types(reward.dtype, torch.float32)  # autocast-safe: at least float32
+        reward, termination_logit = reward.to(dt), termination_logit.to(dt)
         m = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
         mf = m.to(termination_logit.dtype)
         n = mf.sum().clamp(min=1.0)
