@@ -220,12 +220,33 @@ def teacher_runtime(runtime, batch_size: int, seed: int | None = None):
 
 
 @torch.no_grad()
+def teacher_forced(model, frames: np.ndarray, actions: np.ndarray, generator: torch.Generator | None = None
+                   ) -> dict[str, np.ndarray]:
+    """One forward pass of the flow over real clips (noise-augmented like training and ``reset``).
+
+    frames uint8 [B, T, h, w, C] at the model's size (T <= max_frames); actions [B, T-1(, A)].
+    Returns ``nll`` float32 [B, T] bits/dim of each frame given the past, and the heads' ``rewards``
+    float32 [B, T-1] and ``terminations`` bool [B, T-1] (logit > 0) for each transition.
+    """
+    p = next(model.parameters())
+    x = IdentityCodec(p.dtype).encode(torch.from_numpy(np.ascontiguousarray(frames)).to(p.device).movedim(-1, -3))
+    x = x + model.config.sigma * torch.randn(x.shape, generator=generator, dtype=p.dtype).to(p.device)
+    out = model.flow(x, _actions_tensor(model, actions))
+    return {
+        "nll": nll_to_bits_per_dim(out.nll.float(), model.config).cpu().numpy(),
+        "rewards": model.flow.reward_value(out.reward).float().cpu().numpy(),
+        "terminations": (out.termination_logit > 0).cpu().numpy(),
+    }
+
+
+@torch.no_grad()
 def replay_open_loop(runtime, batch: ReplayBatch, seed: int = 0) -> ReplayResult:
     """Replay ``batch``'s logged actions open-loop after its context; one batched step per horizon step.
 
     ``runtime`` must have ``batch_size == len(batch)``. The real and copy-last-frame videos are then
-    teacher-forced through a runtime of batch 2N (one ``observe`` call per step) for their NLL and the
-    heads' reward / termination on real frames.
+    teacher-forced as one batch of 2N clips (one forward pass; frame by frame through ``observe`` when
+    context + horizon exceeds the runtime's window) for their NLL and the heads' reward / termination
+    on real frames.
     """
     N, k, H = len(batch), batch.context, batch.horizon
     if runtime.batch_size != N:
@@ -245,16 +266,22 @@ def replay_open_loop(runtime, batch: ReplayBatch, seed: int = 0) -> ReplayResult
 
     ctx = res.frames  # [N, k, h, w, C] at the model size
     copy = ctx[:, -1]
-    tf = teacher_runtime(runtime, 2 * N, seed=seed + 1)
-    tf_res = tf.reset(np.concatenate([ctx, ctx]), np.concatenate([batch.actions[:, : k - 1]] * 2))
-    nll_real, nll_copy, rew_tf, term_tf = [], [], [], []
-    for h in range(H):
-        a = batch.actions[:, k - 1 + h]
-        o = tf.observe(np.concatenate([batch.frames[:, k + h], copy]), np.concatenate([a, a]))
-        nll_real.append(-o.log_likelihood[:N])
-        nll_copy.append(-o.log_likelihood[N:])
-        rew_tf.append(o.rewards[:N])
-        term_tf.append(o.terminations[:N])
+    T = k + H
+    frames2 = np.concatenate([batch.frames, np.concatenate([ctx, np.repeat(copy[:, None], H, 1)], 1)])
+    actions2 = np.concatenate([batch.actions, batch.actions])
+    if T <= runtime.context_window:
+        # the whole window in one forward pass (exact per-frame likelihoods: the flow is causal)
+        tf = teacher_forced(runtime.model, frames2, actions2, torch.Generator().manual_seed(seed + 1))
+        nll, rew_all, term_all = tf["nll"], tf["rewards"], tf["terminations"]
+    else:  # longer than the model's window: observe frame by frame (the runtime re-encodes windows)
+        tfr = teacher_runtime(runtime, 2 * N, seed=seed + 1)
+        r0 = tfr.reset(frames2[:, :k], actions2[:, : k - 1])
+        steps = [tfr.observe(frames2[:, k + h], actions2[:, k - 1 + h]) for h in range(H)]
+        nll = np.concatenate([-r0.log_likelihood, -np.stack([o.log_likelihood for o in steps], 1)], 1)
+        rew_all = np.concatenate([np.zeros((2 * N, k - 1), np.float32), np.stack([o.rewards for o in steps], 1)], 1)
+        term_all = np.concatenate([np.zeros((2 * N, k - 1), bool), np.stack([o.terminations for o in steps], 1)], 1)
+    nll_real, nll_copy = nll[:N, k:], nll[N:, k:]
+    rew_tf, term_tf = rew_all[:N, k - 1 :], term_all[:N, k - 1 :]
     t2 = time.perf_counter()
 
     real = batch.frames[:, k:]
@@ -266,13 +293,12 @@ def replay_open_loop(runtime, batch: ReplayBatch, seed: int = 0) -> ReplayResult
         mse_dream=mse_d, mse_copy=mse_c,
         psnr_dream=np.minimum(psnr_from_mse(mse_d), 100.0), psnr_copy=np.minimum(psnr_from_mse(mse_c), 100.0),
         ssim_dream=ssim(dream_a, real), ssim_copy=ssim(np.ascontiguousarray(copy_v), real),
-        nll_generated=-np.stack(ll_gen, 1), nll_real=np.stack(nll_real, 1), nll_copy=np.stack(nll_copy, 1),
-        nll_context=-tf_res.log_likelihood[:N],
-        reward_dream=np.stack(rew, 1), reward_teacher=np.stack(rew_tf, 1),
+        nll_generated=-np.stack(ll_gen, 1), nll_real=nll_real, nll_copy=nll_copy, nll_context=nll[:N, :k],
+        reward_dream=np.stack(rew, 1), reward_teacher=rew_tf,
         reward_copy=np.broadcast_to(batch.rewards[:, k - 2 : k - 1] if k >= 2 else np.zeros((N, 1), np.float32),
                                     (N, H)).astype(np.float32),
         reward_real=batch.rewards[:, k - 1 :],
-        termination_dream=np.stack(term, 1), termination_teacher=np.stack(term_tf, 1),
+        termination_dream=np.stack(term, 1), termination_teacher=term_tf,
         termination_copy=np.zeros((N, H), bool), termination_real=batch.terminations[:, k - 1 :],
         jacobi_iterations=np.stack(iters, 1),
     )

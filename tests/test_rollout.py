@@ -150,6 +150,11 @@ def test_replay_metrics_match_arrays(tiny):
     r2 = R.replay_open_loop(WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=3), batch, seed=3)
     np.testing.assert_array_equal(r.dream, r2.dream)
     np.testing.assert_allclose(r.nll_real, r2.nll_real, rtol=1e-5)
+    # a window longer than the runtime's context window is teacher-forced frame by frame (observe):
+    # the same likelihoods up to the augmentation noise
+    r3 = R.replay_open_loop(WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=3, context_window=6), batch, seed=3)
+    assert r3.nll_real.shape == r.nll_real.shape == (3, 5) and r3.nll_context.shape == (3, 2)
+    assert abs(r3.nll_real.mean() - r.nll_real.mean()) < 0.1 and abs(r3.nll_copy.mean() - r.nll_copy.mean()) < 0.1
     with pytest.raises(ValueError, match="runtime.batch_size=1 != 3 episodes"):
         R.replay_open_loop(WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=1), batch)
     with pytest.raises(ValueError, match="rollout.context=20"):

@@ -161,6 +161,7 @@ class PlaySession:
         self.ref_ll = float(np.mean(info["context_log_likelihood"]))
         self.ll_history: list[float] = []
         self.step_count, self.reward, self.episode_return, self.jacobi = 0, 0.0, 0.0, 0
+        self.ood = None
         self.source = source
         if self.recording is not None:
             self.recording.start_episode(self.frame)
@@ -187,6 +188,7 @@ class PlaySession:
         self.episode_return += self.reward
         self.ll_history.append(float(info["log_likelihood"]))
         self.jacobi = int(info["jacobi_iterations"])
+        self.ood = info.get("ood")  # the env's OOD flag, once the env reports one
         if self.real_env is not None and not self.real_done:
             self.real_frame, r, rt, rtr, _ = self.real_env.step(action)
             self.real_return += float(r)
@@ -270,6 +272,7 @@ class PlayApp:
     """The pygame window around a :class:`PlaySession`."""
 
     def __init__(self, cfg: DictConfig, session: PlaySession | None = None):
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
         import pygame
 
         from sfv_world.apps.play_ui import make_keymap
@@ -374,6 +377,8 @@ class PlayApp:
             (f"log-lik {ll:.3f} bits/dim (mean {mean_ll:.3f})", GREEN if ll >= s.ref_ll - 0.5 else RED),
             (f"context {s.ref_ll:.3f}    Jacobi it/frame {s.jacobi}", GREY),
         ]
+        if s.ood is not None:
+            lines.append(("OOD!" if s.ood else "in distribution", RED if s.ood else GREEN))
         legend = ["keys:"] + self.keymap.legend() + [
             "m human/policy   p pause   n step", "r reset (data)   i reset (image)",
             "[ ] horizon   c record   o shot   q quit",
