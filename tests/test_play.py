@@ -59,7 +59,7 @@ def test_keymap_defaults_and_override():
 
     km = make_keymap(spaces.Discrete(2))
     assert km.action({pygame.K_LEFT}) == 0 and km.action({pygame.K_d}) == 1 and km.action(set()) is None
-    assert km.idle is None and "Left/a: left" in km.legend()
+    assert km.idle is None and "Left/a: 0 left" in km.legend()
     km3 = make_keymap(spaces.Discrete(3))
     assert km3.action({pygame.K_UP}) == 2 and km3.action({pygame.K_w}) == 2
     km6 = make_keymap(spaces.Discrete(6))
