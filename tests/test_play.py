@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
 from dream_fixtures import REPO, make_tiny_checkpoint, make_tiny_dataset  # noqa: E402
+from policy_fixtures import save_tiny_policy  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,25 +91,11 @@ def test_keymap_from_ale_env():
     assert km.action({pygame.K_d, pygame.K_SPACE}) == 4
 
 
-def save_policy(tiny, path):
-    """A (random-init) SB3 PPO policy on the dream's observations, saved as .zip."""
-    import gymnasium as gym
-    from stable_baselines3 import PPO
-
-    import sfv_world.envs  # noqa: F401  (registers the dream)
-
-    env = gym.make("sfv_world/Dream-v0", checkpoint=str(tiny["ckpt"]), horizon=20)
-    model = PPO("MlpPolicy", env, n_steps=8, batch_size=8, seed=0, device="cpu")
-    model.save(path)
-    env.close()
-    return path
-
-
 def test_play_headless_scripted(tiny):
     from sfv_world.apps.play import PlayApp
     from sfv_world.datasets import DatasetReader
 
-    policy = save_policy(tiny, tiny["root"] / "policy.zip")
+    policy = save_tiny_policy(tiny["ckpt"], tiny["root"] / "policy.zip")
     shot = tiny["root"] / "shot.png"
     cfg = compose(tiny, f"play.policy={policy}", f"play.screenshot={shot}", "play.horizon=100",
                   f"play.record_dir={tiny['root'] / 'rec'}")
@@ -183,6 +170,16 @@ def test_play_side_by_side_and_image(tiny, tmp_path):
 
     assert np.abs(app.session.frame.astype(int) - load_image_frame(picture, 16)).max() == 0
     app.run(max_ticks=1, throttle=False)
+
+
+def test_play_command_line(tiny, tmp_path):
+    """`sfv-world play <checkpoint> play.max_ticks=...` runs headless and exits by itself."""
+    from sfv_world.apps.cli import main
+
+    shot = tmp_path / "cli.png"
+    assert main(["play", str(tiny["ckpt"]), f"run_dir={tmp_path}", "device=cpu", "play.max_ticks=3", "play.fps=100",
+                 f"play.screenshot={shot}"]) == 0
+    assert shot.stat().st_size > 1000
 
 
 def test_play_bad_policy_path(tiny, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
+from policy_fixtures import save_tiny_policy
 from sfv_world import rollout as R
 
 
@@ -245,3 +246,38 @@ def test_free_run_with_policy(tiny):
     np.testing.assert_array_equal(run.actions[:, 2], (run.frames[:, 2].reshape(2, -1).mean(1) > 60))
     eps = R.free_run_episodes(run)
     assert len(eps) == 2 and eps[0]["observations"].shape[0] == eps[0]["actions"].shape[0] + 1
+
+
+def test_free_mode_with_saved_policy(tiny, tmp_path):
+    """`sfv-world rollout <ckpt> rollout.mode=free rollout.policy=<zip>`: the saved policy (2 stacked
+    frames) picks every action, from the same stacked observations the dream env would give it."""
+    from stable_baselines3 import PPO
+
+    from sfv_world.apps.cli import main
+    from sfv_world.apps.policy_io import WorldPolicy
+    from sfv_world.datasets import DatasetReader
+
+    zip_path = save_tiny_policy(tiny["ckpt"], tmp_path / "pi.zip", frame_stack=2)
+    pol = WorldPolicy(zip_path, (16, 16, 3), 64)
+    assert (pol.obs_mode, pol.frame_stack) == ("pixels", 2)
+    ctx = np.random.default_rng(0).integers(0, 255, (2, 3, 16, 16, 3), dtype=np.uint8)
+    pol.reset(ctx)
+    obs = pol.observation(ctx[:, -1], None)
+    np.testing.assert_array_equal(obs, np.concatenate([ctx[:, 1], ctx[:, 2]], -1))
+    new = ctx[:, 0]
+    np.testing.assert_array_equal(pol.observation(new, None), np.concatenate([ctx[:, 2], new], -1))
+
+    out = tmp_path / "free"
+    assert main(["rollout", str(tiny["ckpt"]), f"run_dir={tmp_path}", "device=cpu", "rollout.mode=free",
+                 f"rollout.policy={zip_path}", "rollout.episodes=2", "rollout.horizon=4", "rollout.context=3",
+                 f"rollout.output={out}"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["policy"] == str(zip_path) and s["worlds"] == 2
+    model = PPO.load(zip_path, device="cpu")
+    with DatasetReader(out / "generated") as reader:
+        ep = reader.load_episode(0)
+    # replay the policy on the recorded frames: it chose each recorded action
+    frames = ep.observations
+    for t in range(2, len(ep)):
+        o = np.concatenate([frames[t - 1], frames[t]], -1)
+        assert ep.actions[t] == int(model.predict(o, deterministic=True)[0]), t
