@@ -68,7 +68,9 @@ class OODTruncationVecEnv(_sb3_wrapper_base()):
 
     def __init__(self, venv, min_steps: int = 1):
         super().__init__(venv)
-        core = getattr(venv, "core", None)
+        from sfv_world.envs.sb3 import DreamSB3VecEnv
+
+        core = venv.core if isinstance(venv, DreamSB3VecEnv) else None
         if core is None:
             raise TypeError(f"OODTruncationVecEnv wraps a DreamSB3VecEnv (needs its .core), got {type(venv).__name__}")
         if int(min_steps) < 1:

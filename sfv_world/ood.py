@@ -392,50 +392,74 @@ class Segments:
         return Segments(self.frames[rows], self.actions[rows], self.episodes[rows], self.starts[rows])
 
 
+def segment_starts(dataset: str | os.PathLike, episode_ids: Sequence[int] | None, length: int,
+                   exclude_actions: Sequence[int] = (), stride: int | None = None) -> list[tuple[int, int]]:
+    """(episode, start) of every piece of ``length`` frames, starting every ``stride`` frames (default
+    ``length``), whose actions avoid ``exclude_actions``."""
+    from sfv_world.datasets import DatasetReader
+
+    if length < 2:
+        raise ValueError(f"segment length must be >= 2, got {length}")
+    stride = int(stride or length)
+    excl = np.asarray(list(exclude_actions), dtype=np.int64)
+    cands = []
+    with DatasetReader(dataset) as reader:
+        ids = list(reader.episode_ids) if episode_ids is None else [int(e) for e in episode_ids]
+        for e in ids:
+            acts = reader.load_episode(e, observations=False).actions
+            for s in range(0, reader.episode_lengths[e] + 1 - length + 1, stride):
+                a = acts[s:s + length - 1]
+                if excl.size and a.ndim == 1 and np.isin(a, excl).any():
+                    continue
+                cands.append((e, s))
+    if not cands:
+        raise ValueError(f"dataset {dataset}: no piece of {length} frames in episodes {ids[:8]}"
+                         f"{'...' if len(ids) > 8 else ''}" + (f" without actions {excl.tolist()}" if excl.size else ""))
+    return cands
+
+
+def subsample(items: list, k: int | None, seed: int = 0) -> list:
+    """At most ``k`` items, chosen uniformly without replacement (deterministic in ``seed``), order kept."""
+    if k is None or len(items) <= k:
+        return list(items)
+    pick = np.sort(np.random.default_rng(seed).choice(len(items), size=int(k), replace=False))
+    return [items[i] for i in pick]
+
+
+def load_segments(dataset: str | os.PathLike, picks: Sequence[tuple[int, int]], length: int, frame_size: int
+                  ) -> Segments:
+    """Read the pieces ``picks`` [(episode, start)] of ``length`` frames, area-resized to ``frame_size``."""
+    from sfv_world.datasets import DatasetReader, area_resize
+
+    if not picks:
+        raise ValueError("load_segments: no pieces to read")
+    frames, actions, cache = [], [], {}
+    with DatasetReader(dataset) as reader:
+        for e, s in picks:
+            if e not in cache:
+                cache = {e: reader.load_episode(e, observations=False).actions}
+            f = reader.read_frames(e, s, s + length)
+            if f.shape[0] != length:
+                raise ValueError(f"dataset {dataset}: episode {e} has no {length} frames from {s}")
+            if f.shape[1] != frame_size or f.shape[2] != frame_size:
+                f = area_resize(f, frame_size)
+            frames.append(f)
+            actions.append(cache[e][s:s + length - 1])
+    return Segments(np.stack(frames).astype(np.uint8), np.stack(actions),
+                    np.array([e for e, _ in picks], np.int64), np.array([s for _, s in picks], np.int64))
+
+
 def read_segments(dataset: str | os.PathLike, episode_ids: Sequence[int] | None, length: int, frame_size: int,
                   max_segments: int | None = None, exclude_actions: Sequence[int] = (), seed: int = 0,
                   stride: int | None = None) -> Segments:
     """Pieces of ``length`` frames from ``episode_ids`` (all episodes when None) of a dataset.
 
     Pieces start every ``stride`` frames (default ``length``: non-overlapping); pieces whose actions use
-    ``exclude_actions`` are skipped; if more than ``max_segments`` remain, an evenly spread subset
-    (deterministic given ``seed``) is kept. Frames are area-resized to ``frame_size``.
+    ``exclude_actions`` are skipped; if more than ``max_segments`` remain, a uniform subset (deterministic
+    given ``seed``) is kept. Frames are area-resized to ``frame_size``.
     """
-    from sfv_world.datasets import DatasetReader, area_resize
-
-    if length < 2:
-        raise ValueError(f"segment length must be >= 2, got {length}")
-    stride = int(stride or length)
-    excl = np.asarray(list(exclude_actions), dtype=np.int64)
-    with DatasetReader(dataset) as reader:
-        ids = list(reader.episode_ids) if episode_ids is None else [int(e) for e in episode_ids]
-        cands = []
-        acts_of = {}
-        for e in ids:
-            acts = reader.load_episode(e, observations=False).actions
-            acts_of[e] = acts
-            n_frames = reader.episode_lengths[e] + 1
-            for s in range(0, n_frames - length + 1, stride):
-                a = acts[s:s + length - 1]
-                if excl.size and a.ndim == 1 and np.isin(a, excl).any():
-                    continue
-                cands.append((e, s))
-        if not cands:
-            raise ValueError(f"dataset {dataset}: no piece of {length} frames in episodes {ids[:8]}"
-                             f"{'...' if len(ids) > 8 else ''}" + (f" without actions {excl.tolist()}" if excl.size else ""))
-        if max_segments is not None and len(cands) > max_segments:
-            rng = np.random.default_rng(seed)
-            pick = np.sort(rng.choice(len(cands), size=int(max_segments), replace=False))
-            cands = [cands[i] for i in pick]
-        frames, actions = [], []
-        for e, s in cands:
-            f = reader.read_frames(e, s, s + length)
-            if f.shape[1] != frame_size or f.shape[2] != frame_size:
-                f = area_resize(f, frame_size)
-            frames.append(f)
-            actions.append(acts_of[e][s:s + length - 1])
-    return Segments(np.stack(frames).astype(np.uint8), np.stack(actions),
-                    np.array([e for e, _ in cands], np.int64), np.array([s for _, s in cands], np.int64))
+    picks = subsample(segment_starts(dataset, episode_ids, length, exclude_actions, stride), max_segments, seed)
+    return load_segments(dataset, picks, length, frame_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,6 +526,7 @@ class CalibrationSettings:
     seed: int = 0
     window: int = 4
     max_segments: int = 256
+    stride: int | None = None  # start a piece every `stride` frames (default segment_len // 2)
     batch_size: int = 32
     env_score: str = "typicality"
 
@@ -535,6 +560,38 @@ def effective_segment_len(settings: CalibrationSettings, payload: dict[str, Any]
     return min(int(settings.segment_len), cap)
 
 
+def env_id_of(meta: dict[str, Any]) -> str | None:
+    """The env id recorded in a checkpoint's dataset metadata (``sfv_world.env_id``, ``env_spec.id`` or
+    ``dataset_id``), None when none is recorded."""
+    import json
+
+    meta = meta or {}
+    if meta.get("env_id"):
+        return str(meta["env_id"])
+    sub = meta.get("sfv_world")
+    if isinstance(sub, str):
+        try:
+            sub = json.loads(sub)
+        except ValueError:
+            import ast
+
+            try:
+                sub = ast.literal_eval(sub)
+            except (ValueError, SyntaxError):
+                sub = None
+    if isinstance(sub, dict) and sub.get("env_id"):
+        return str(sub["env_id"])
+    spec = meta.get("env_spec")
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            spec = None
+    if isinstance(spec, dict) and spec.get("id"):
+        return str(spec["id"])
+    return str(meta["dataset_id"]) if meta.get("dataset_id") else None
+
+
 def excluded_actions(payload: dict[str, Any]) -> list[int]:
     """``train.exclude_actions`` of the run that produced a checkpoint (actions it never trained on)."""
     return [int(a) for a in (((payload.get("config") or {}).get("train") or {}).get("exclude_actions") or [])]
@@ -564,7 +621,8 @@ def compute_calibration(model, payload: dict[str, Any], settings: CalibrationSet
     if not s.min_context < L:
         raise ValueError(f"ood.min_context={s.min_context} must be below the segment length {L}")
     excl = excluded_actions(payload)
-    segs = read_segments(dataset, episode_ids, L, model.config.frame_size, s.max_segments, excl, s.seed)
+    segs = read_segments(dataset, episode_ids, L, model.config.frame_size, s.max_segments, excl, s.seed,
+                         stride=s.stride or max(L // 2, 1))
     fs = score_frames(model, segs.frames, segs.actions, noise_draws=s.noise_draws, seed=s.seed,
                       batch_size=s.batch_size)
     P = int(model.config.max_frames)
@@ -577,7 +635,7 @@ def compute_calibration(model, payload: dict[str, Any], settings: CalibrationSet
     im_scores = derive_scores(im_fs, im_band, s.window, ctx)
     return {
         "version": CALIBRATION_VERSION,
-        "env_id": meta.get("env_id"),
+        "env_id": env_id_of(meta),
         "dataset": str(dataset),
         "episodes": [int(e) for e in episode_ids],
         "segments": len(segs),
@@ -692,7 +750,7 @@ class OODMonitor:
         """Use the calibration loaded with the runtime's checkpoint (``runtime.calibration``)."""
         cal = getattr(runtime, "calibration", None)
         if env_id is None and cal:
-            env_id = (getattr(runtime, "dataset_meta", {}) or {}).get("env_id")
+            env_id = env_id_of(getattr(runtime, "dataset_meta", {}) or {})
             envs = cal.get("envs", {})
             if env_id not in envs:
                 env_id = None if len(envs) == 1 else env_id
@@ -740,3 +798,102 @@ class OODMonitor:
             ref = prev if prev is not None else frames
             s = nll + PIXEL_BITS_OFFSET - zlib_bits_per_dim(frame_difference(frames, ref))
         return {"ood_score": s.astype(np.float32), "ood": s > self.threshold}
+
+
+# --------------------------------------------------------------------------------------------------
+# perturbations (evaluation case b) and splicing (case c)
+#
+# Each takes frames uint8 [N, T, H, W, C] and perturbs the steps t >= onset (the frames before stay
+# untouched), returning a new uint8 array of the same shape. ``rng`` is a numpy Generator.
+
+
+def _check_seq(frames: np.ndarray, onset: int) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 5:
+        raise ValueError(f"perturbations take uint8 frames [N, T, H, W, C], got {frames.dtype} {frames.shape}")
+    if not 0 <= int(onset) < frames.shape[1]:
+        raise ValueError(f"onset {onset} must be in [0, {frames.shape[1] - 1}]")
+    return frames
+
+
+def perturb_noise(frames: np.ndarray, onset: int, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Add N(0, std^2) noise (std in 0..255 gray levels), round and clip."""
+    f = _check_seq(frames, onset)
+    if std <= 0:
+        raise ValueError(f"noise std must be > 0, got {std}")
+    out = f.copy()
+    tail = f[:, onset:].astype(np.float64) + rng.normal(0.0, float(std), size=f[:, onset:].shape)
+    out[:, onset:] = np.clip(np.rint(tail), 0, 255).astype(np.uint8)
+    return out
+
+
+def perturb_occlude(frames: np.ndarray, onset: int, frac: float, rng: np.random.Generator,
+                    value: tuple[int, int, int] = (128, 128, 128)) -> np.ndarray:
+    """Paint a grey square of side round(frac * H) at one random place per sequence (fixed over time)."""
+    f = _check_seq(frames, onset)
+    N, T, H, W, C = f.shape
+    side = int(round(float(frac) * H))
+    if not 1 <= side <= min(H, W):
+        raise ValueError(f"patch fraction {frac} gives a {side}-pixel patch on {H}x{W} frames")
+    out = f.copy()
+    ys = rng.integers(0, H - side + 1, size=N)
+    xs = rng.integers(0, W - side + 1, size=N)
+    val = np.asarray(value, dtype=np.uint8)[:C]
+    for i in range(N):
+        out[i, onset:, ys[i]:ys[i] + side, xs[i]:xs[i] + side] = val
+    return out
+
+
+def perturb_colour(frames: np.ndarray, onset: int, shift: float) -> np.ndarray:
+    """Add (-shift, 0, +shift) to (R, G, B), clipped: a colour cast (needs 3 channels)."""
+    f = _check_seq(frames, onset)
+    if f.shape[-1] != 3:
+        raise ValueError(f"colour shift needs RGB frames, got {f.shape[-1]} channels")
+    out = f.copy()
+    off = np.array([-shift, 0.0, shift])
+    out[:, onset:] = np.clip(f[:, onset:].astype(np.float64) + off, 0, 255).astype(np.uint8)
+    return out
+
+
+def perturb_flip(frames: np.ndarray, onset: int) -> np.ndarray:
+    """Mirror the frames left-right."""
+    f = _check_seq(frames, onset)
+    out = f.copy()
+    out[:, onset:] = f[:, onset:, :, ::-1]
+    return out
+
+
+def perturb_freeze(frames: np.ndarray, onset: int) -> np.ndarray:
+    """Repeat the last frame before onset (a frozen video); needs onset >= 1."""
+    f = _check_seq(frames, onset)
+    if onset < 1:
+        raise ValueError("a frozen frame needs onset >= 1 (a frame to repeat)")
+    out = f.copy()
+    out[:, onset:] = f[:, onset - 1:onset]
+    return out
+
+
+def splice(frames: np.ndarray, onset: int, other: np.ndarray) -> np.ndarray:
+    """Replace steps t >= onset by frames of another environment: other uint8 [M, >= T-onset, H, W, C]
+    (sequence i takes other[i % M])."""
+    f = _check_seq(frames, onset)
+    other = np.asarray(other)
+    N, T = f.shape[:2]
+    if other.dtype != np.uint8 or other.ndim != 5 or other.shape[2:] != f.shape[2:] or other.shape[1] < T - onset:
+        raise ValueError(f"splice: other frames must be uint8 [M, >= {T - onset}, {f.shape[2]}, {f.shape[3]}, "
+                         f"{f.shape[4]}], got {other.dtype} {other.shape}")
+    out = f.copy()
+    out[:, onset:] = other[np.arange(N) % other.shape[0], :T - onset]
+    return out
+
+
+def perturbations(frames: np.ndarray, onset: int, noise_levels: Sequence[float] = (4, 12, 32),
+                  patch_frac: float = 0.33, colour_shift: float = 48, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every case-(b) perturbation of ``frames`` from ``onset``: name -> uint8 [N, T, H, W, C]."""
+    rng = np.random.default_rng(seed)
+    out = {f"noise_{float(s):g}": perturb_noise(frames, onset, s, rng) for s in noise_levels}
+    out["occlude"] = perturb_occlude(frames, onset, patch_frac, rng)
+    out["colour_shift"] = perturb_colour(frames, onset, colour_shift)
+    out["hflip"] = perturb_flip(frames, onset)
+    out["freeze"] = perturb_freeze(frames, onset)
+    return out
