@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -730,8 +731,32 @@ def free_run_episodes(run: FreeRun) -> list[dict[str, np.ndarray]]:
 
 
 __all__ = [
-    "ssim", "gaussian_window", "psnr", "held_out_ids", "ReplayBatch", "load_replay_batch", "ReplayResult",
-    "replay_open_loop", "summarize_replay", "markdown_table", "write_episodes", "dream_episode", "replay_episodes",
-    "replay_videos", "plot_metrics", "invert_to_noise", "regenerate", "alter_actions", "Counterfactual",
-    "counterfactual", "counterfactual_video", "load_image_frame", "RandomActions", "FreeRun", "free_run", "free_run_episodes",
+    "Counterfactual",
+    "FreeRun",
+    "RandomActions",
+    "ReplayBatch",
+    "ReplayResult",
+    "alter_actions",
+    "counterfactual",
+    "counterfactual_video",
+    "dream_episode",
+    "free_run",
+    "free_run_episodes",
+    "gaussian_window",
+    "held_out_ids",
+    "invert_to_noise",
+    "load_image_frame",
+    "load_replay_batch",
+    "markdown_table",
+    "plot_metrics",
+    "psnr",
+    "regenerate",
+    "replay_episodes",
+    "replay_open_loop",
+    "replay_videos",
+    "ssim",
+    "summarize_replay",
+    "teacher_forced",
+    "teacher_runtime",
+    "write_episodes",
 ]

@@ -9,14 +9,13 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
-import numpy as np  # noqa: E402
-import pygame  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from gymnasium import spaces  # noqa: E402
-
-from dream_fixtures import REPO, make_tiny_checkpoint, make_tiny_dataset  # noqa: E402
-from policy_fixtures import save_tiny_policy  # noqa: E402
+import numpy as np
+import pygame
+import pytest
+import torch
+from dream_fixtures import REPO, make_tiny_checkpoint, make_tiny_dataset
+from gymnasium import spaces
+from policy_fixtures import save_tiny_policy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -92,8 +91,9 @@ def test_keymap_from_ale_env():
 
 
 def test_play_headless_scripted(tiny):
-    from sfv_world.apps.play import PlayApp
     from sfv_world.datasets import DatasetReader
+
+    from sfv_world.apps.play import PlayApp
 
     policy = save_tiny_policy(tiny["ckpt"], tiny["root"] / "policy.zip")
     shot = tiny["root"] / "shot.png"

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
 from policy_fixtures import save_tiny_policy
+
 from sfv_world import rollout as R
 
 
@@ -99,12 +99,13 @@ def compose(tiny, *overrides):
 
 def test_replay_end_to_end(tiny):
     """rollout.mode=replay on explicit episodes of different lengths writes every output, consistent with the arrays."""
-    from sfv_world.apps.rollout import run
     from sfv_world.datasets import DatasetReader
+
+    from sfv_world.apps.rollout import run
 
     out = tiny["root"] / "replay"
     # start=6 leaves 7 frames per episode: k=3 context + 4 real steps of the horizon 6 -> 2 masked steps
-    summary = run(compose(tiny, f"rollout.output={out}", "rollout.episode_ids=[0,1,2]", "rollout.context=3",
+    run(compose(tiny, f"rollout.output={out}", "rollout.episode_ids=[0,1,2]", "rollout.context=3",
                           "rollout.horizon=6", "rollout.start=6", "rollout.videos=2"))
     s = json.loads((out / "summary.json").read_text())
     assert s["episodes"] == 3 and s["horizon"] == 6 and s["per_step"]["episodes_running"] == [3, 3, 3, 3, 0, 0]
@@ -202,9 +203,9 @@ def test_counterfactual_identity_and_causality(tiny):
 
 def test_counterfactual_and_image_modes(tiny, tmp_path):
     from PIL import Image
+    from sfv_world.datasets import DatasetReader
 
     from sfv_world.apps.rollout import run
-    from sfv_world.datasets import DatasetReader
 
     s = run(compose(tiny, "rollout.mode=counterfactual", f"rollout.output={tmp_path / 'cf'}", "rollout.cf_step=2"))
     assert s["episode"] == 5 and s["frames"] == 8  # the val split (the test split is empty)
@@ -251,11 +252,11 @@ def test_free_run_with_policy(tiny):
 def test_free_mode_with_saved_policy(tiny, tmp_path):
     """`sfv-world rollout <ckpt> rollout.mode=free rollout.policy=<zip>`: the saved policy (2 stacked
     frames) picks every action, from the same stacked observations the dream env would give it."""
+    from sfv_world.datasets import DatasetReader
     from stable_baselines3 import PPO
 
     from sfv_world.apps.cli import main
     from sfv_world.apps.policy_io import WorldPolicy
-    from sfv_world.datasets import DatasetReader
 
     zip_path = save_tiny_policy(tiny["ckpt"], tmp_path / "pi.zip", frame_stack=2)
     pol = WorldPolicy(zip_path, (16, 16, 3), 64)

@@ -351,7 +351,17 @@ class PlayApp:
         return self.keymap.labels.get(int(a), str(a))
 
     def draw(self) -> None:
-        from sfv_world.apps.play_ui import BG, GREEN, GREY, RED, WHITE, YELLOW, draw_hud, draw_text, frame_surface
+        from sfv_world.apps.play_ui import (
+            BG,
+            GREEN,
+            GREY,
+            RED,
+            WHITE,
+            YELLOW,
+            draw_hud,
+            draw_text,
+            frame_surface,
+        )
 
         pg, s = self.pg, self.session
         self.screen.fill(BG)

@@ -140,7 +140,7 @@ def make_keymap(action_space, env: Any = None, override: Mapping[str, Any] | Non
         idle = np.clip(np.zeros(dims, np.float32), low, high)
         return KeyMap(box=box, idle=idle, box_low=low, box_high=high)
     if not isinstance(action_space, spaces.Discrete):
-        raise ValueError(f"play: no key map for the action space {action_space} (Discrete or Box)")
+        raise ValueError(f"play: no key map for the action space {action_space} (Discrete or Box)")  # noqa: TRY004
     n, start = int(action_space.n), int(action_space.start)
     labels = {start + i: v for i, v in action_labels(n, env).items()}
     idle = None
@@ -157,7 +157,7 @@ def make_keymap(action_space, env: Any = None, override: Mapping[str, Any] | Non
     if u is not None and hasattr(u, "get_keys_to_action") and _wrapper_attr(env, "subset") is None:
         try:
             table = u.get_keys_to_action()
-        except Exception:  # some envs raise when they have no map
+        except Exception:  # noqa: BLE001  (some envs raise when they have no map)
             table = None
         if table:
             combos = {frozenset(_code(k) for k in keys): int(a) for keys, a in table.items() if keys}

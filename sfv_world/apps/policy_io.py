@@ -52,7 +52,7 @@ class WorldPolicy:
 
     def reset(self, context_frames: np.ndarray) -> None:
         ctx = np.asarray(context_frames)
-        B, k = ctx.shape[:2]
+        k = ctx.shape[1]
         S = self.frame_stack
         take = min(k, S)
         self.stack = np.concatenate([np.repeat(ctx[:, k - take : k - take + 1], S - take, 1), ctx[:, k - take :]], 1)

@@ -135,7 +135,7 @@ def run_counterfactual(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     model, payload = load_world_model(cfg.checkpoint, device=device)
     meta = payload["dataset"]
-    dataset, ids, split = _dataset_and_ids(cfg, meta)
+    dataset, ids, _ = _dataset_and_ids(cfg, meta)
     start = int(r.start)
     if r.get("episode") is not None:
         ids = [int(r.episode)]
