@@ -282,3 +282,36 @@ def test_free_mode_with_saved_policy(tiny, tmp_path):
     for t in range(2, len(ep)):
         o = np.concatenate([frames[t - 1], frames[t]], -1)
         assert ep.actions[t] == int(model.predict(o, deterministic=True)[0]), t
+
+
+def test_write_video_gif_fallback_and_errors(tmp_path, monkeypatch):
+    """Without an mp4 encoder a .mp4 request writes a GIF (every frame kept); bad input names the file."""
+    import imageio.v3 as iio
+
+    from sfv_world import video
+
+    frames = np.random.default_rng(0).integers(0, 255, (5, 6, 7, 3), dtype=np.uint8)
+    monkeypatch.setattr(video, "mp4_available", lambda: False)
+    path = video.write_video(frames, tmp_path / "v.mp4", fps=5, scale=2)
+    assert path.suffix == ".gif"
+    back = iio.imread(path)
+    assert back.shape[:3] == (5, 12, 14)
+    gray = video.write_video(frames[..., :1], tmp_path / "g.gif")
+    assert iio.imread(gray).shape[:3] == (5, 6, 7)
+    strip = video.side_by_side(frames, frames, video.difference(frames, frames))
+    assert strip.shape == (5, 6, 3 * 7 + 2, 3) and (strip[:, :, 7] == 255).all() and (strip[:, :, 15] == 255).all() and (strip[:, :, 16:] == 0).all()
+    with pytest.raises(ValueError, match="bad.mp4.*uint8"):
+        video.write_video(frames.astype(np.float32), tmp_path / "bad.mp4")
+    with pytest.raises(ValueError, match="must end in .mp4 or .gif"):
+        video.write_video(frames, tmp_path / "x.avi")
+
+
+def test_rollout_library_imports_no_ui_or_rl():
+    """DESIGN.md layering: the rollout library and the video writer import neither pygame nor SB3."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sfv_world.rollout, sfv_world.video; "
+            "print(sorted(m for m in ('pygame', 'stable_baselines3', 'sfv_world.envs', 'sfv_world.apps') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
