@@ -161,7 +161,7 @@ class PlaySession:
         self.ref_ll = float(np.mean(info["context_log_likelihood"]))
         self.ll_history: list[float] = []
         self.step_count, self.reward, self.episode_return, self.jacobi = 0, 0.0, 0.0, 0
-        self.ood = None
+        self.ood, self.ood_score = None, None
         self.source = source
         if self.recording is not None:
             self.recording.start_episode(self.frame)
@@ -188,7 +188,8 @@ class PlaySession:
         self.episode_return += self.reward
         self.ll_history.append(float(info["log_likelihood"]))
         self.jacobi = int(info["jacobi_iterations"])
-        self.ood = info.get("ood")  # the env's OOD flag, once the env reports one
+        self.ood = info.get("ood")  # the env's OOD flag and score (calibrated checkpoints)
+        self.ood_score = info.get("ood_score")
         if self.real_env is not None and not self.real_done:
             self.real_frame, r, rt, rtr, _ = self.real_env.step(action)
             self.real_return += float(r)
@@ -388,7 +389,8 @@ class PlayApp:
             (f"context {s.ref_ll:.3f}    Jacobi it/frame {s.jacobi}", GREY),
         ]
         if s.ood is not None:
-            lines.append(("OOD!" if s.ood else "in distribution", RED if s.ood else GREEN))
+            score = "" if s.ood_score is None or not np.isfinite(s.ood_score) else f" (score {s.ood_score:.2f})"
+            lines.append((("OOD!" if s.ood else "in distribution") + score, RED if s.ood else GREEN))
         legend = ["keys:"] + self.keymap.legend() + [
             "m human/policy   p pause   n step", "r reset (data)   i reset (image)",
             "[ ] horizon   c record   o shot   q quit",
