@@ -264,8 +264,8 @@ class PlaySession:
 
     def close(self) -> list[Path]:
         paths = self.toggle_recording() if self.recording is not None else []
-        if self.real_env is not None:
-            self.real_env.close()
+        for env in {id(e): e for e in (self.real_env, self.key_env) if e is not None}.values():
+            env.close()
         return paths
 
 

@@ -51,9 +51,13 @@ def _output(cfg: DictConfig) -> Path:
 
 def _dataset_and_ids(cfg: DictConfig, meta: dict[str, Any]) -> tuple[str, list[int], str]:
     r = cfg.rollout
-    dataset = r.get("dataset") or meta.get("path")
-    if not dataset or not Path(dataset).exists():
-        raise FileNotFoundError(f"rollout.dataset: dataset folder {dataset!r} not found (the checkpoint's is "
+    if r.get("dataset"):
+        candidates = [str(r.dataset)]  # explicit: no fallback
+    else:  # the checkpoint's dataset, else the config's top-level `dataset` (a checkpoint moved between machines)
+        candidates = [c for c in (meta.get("path"), cfg.get("dataset")) if c]
+    dataset = next((c for c in candidates if Path(c).exists()), None)
+    if dataset is None:
+        raise FileNotFoundError(f"rollout.dataset: no dataset folder at {candidates} (the checkpoint's is "
                                 f"{meta.get('path')!r}); pass rollout.dataset=<folder>")
     if r.get("episode_ids"):
         return str(dataset), [int(e) for e in r.episode_ids], "explicit"
