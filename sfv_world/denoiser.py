@@ -85,6 +85,8 @@ class FlowScoreDenoiser(nn.Module):
         c = self.config
         B, T = x_tilde.shape[:2]
         F = c.tokens_per_frame
+        if frame_mask is not None:  # padding content never matters, even NaN
+            x_tilde = torch.where(frame_mask[:, :, None, None, None], x_tilde, torch.zeros_like(x_tilde))
         tokens = patchify(x_tilde, c.patch_size).reshape(B, T * F, c.token_dim)
         cond = self.action_embed.frame_conditioning(actions, T, drop_actions, frame_mask)  # [B, T, D]
         h = self.proj_in(tokens) + cond.repeat_interleave(F, dim=1)

@@ -305,6 +305,8 @@ class StarFlowV(nn.Module):
             raise ValueError(f"actions {tuple(actions.shape)} do not match {T} frames (expected [B, T-1, ...])")
         if frame_mask is not None and bool(frame_mask.all()):
             frame_mask = None  # the common case: no padding, fast causal attention
+        if frame_mask is not None:  # padding content never matters, even NaN (0 * NaN would leak)
+            x_tilde = torch.where(frame_mask[:, :, None, None, None], x_tilde, torch.zeros_like(x_tilde))
 
         u, logdet_s = self.shallow_forward(patchify(x_tilde, c.patch_size))  # [B,T,F,d], [B,T]
         add, key_valid, sos_mask = self._deep_inputs(actions, T, drop_actions, frame_mask, B)
@@ -323,7 +325,7 @@ class StarFlowV(nn.Module):
         logdet = logdet_s + logdet_d.reshape(B, T, F * d).sum(-1)  # [B, T]
         nll = 0.5 * z.to(logdet.dtype).square().sum((2, 3)) + HALF_LOG_2PI * F * d - logdet
         if frame_mask is not None:
-            nll = nll * frame_mask
+            nll = torch.where(frame_mask, nll, torch.zeros_like(nll))  # padding: exactly 0 (even if not finite)
         features = h.reshape(B, T, F, -1).mean(2)  # [B, T, D]
         reward, term = self.heads(features[:, 1:].detach())
         return FlowOutput(z, logdet, nll, features, reward, term), u

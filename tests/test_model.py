@@ -167,6 +167,7 @@ def test_frame_mask_padding_matches_unpadded():
     x, a = random_clip(m.config, B=2, T=3)
     g = torch.Generator().manual_seed(5)
     pad_x = torch.cat([torch.randn(2, 2, 3, 16, 16, generator=g, dtype=torch.float64), x], 1)  # 2 garbage frames
+    pad_x[0, 0] = float("nan")  # even NaN padding is harmless
     pad_a = torch.cat([torch.randint(0, 3, (2, 2), generator=g), a], 1)
     mask = torch.tensor([[False, False, True, True, True]] * 2)
     with torch.no_grad():

@@ -87,6 +87,7 @@ def test_denoise_latest_matches_full_pass_and_padding_is_masked():
         den.window = 4
         # left padding: garbage frames masked out give the same result as the short window
         pad = torch.cat([torch.randn_like(x[:, :2]), x[:, 2:]], 1)
+        pad[1, 0] = float("nan")
         mask = torch.tensor([[False, False, True, True]] * 2)
         short = den.denoise_latest(x[:, 2:], a[:, 2:])
         padded = den.denoise_latest(pad, a, frame_mask=mask)
