@@ -191,4 +191,6 @@ def test_play_bad_policy_path(tiny, tmp_path):
 
 def test_docs_screenshot_exists():
     """docs/play.png is produced by `sfv-world play ... play.screenshot=docs/play.png` (see docs)."""
-    assert (REPO / "docs" / "play.png").is_file()
+    img = pygame.image.load(str(REPO / "docs" / "play.png"))
+    w, h = img.get_size()
+    assert w >= 600 and h >= 300
