@@ -286,7 +286,8 @@ class PlayApp:
         self.keymap = make_keymap(s.action_space, s.key_env, keys)
         if cfg.play.get("idle_action") is not None:
             self.keymap.idle = int(cfg.play.idle_action)
-        pygame.init()
+        pygame.display.init()  # no audio: pygame.init() would open a sound device
+        pygame.font.init()
         self.scale = int(cfg.play.scale)
         h, w, _ = s.runtime.frame_shape
         self.panel_w = w * self.scale

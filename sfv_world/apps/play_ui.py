@@ -26,8 +26,8 @@ def _code(key: Any) -> int:
     if isinstance(key, str):
         if len(key) == 1:
             return ord(key.lower())
-        if not pygame.get_init():
-            pygame.init()
+        if not pygame.display.get_init():
+            pygame.display.init()
         try:
             code = pygame.key.key_code(key)
         except ValueError:
@@ -114,7 +114,7 @@ def action_labels(n: int, env: Any = None) -> dict[int, str]:
     elif u is not None and hasattr(u, "actions"):
         try:
             names = [a.name for a in u.actions]
-        except TypeError:
+        except (TypeError, AttributeError):
             names = None
     subset = _wrapper_attr(env, "subset")
     if names is not None and subset is not None:
