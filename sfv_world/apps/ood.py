@@ -77,8 +77,15 @@ def _case_metrics(scores: dict[str, np.ndarray], neg_scores: dict[str, np.ndarra
         if not np.isfinite(s[pos_mask]).any():
             continue
         thr = thresholds.get(name, {}).get("threshold")
-        flags = None if thr is None else ((np.nan_to_num(s, nan=-np.inf) > thr) & score_mask)[rows]
-        out[prefix + name] = _metrics(neg_scores[name][neg_mask], s[pos_mask], thr, flags, onset)
+        flags = None if thr is None else ((np.nan_to_num(s, nan=-np.inf) > thr) & np.broadcast_to(score_mask, s.shape))[rows]
+        m = _metrics(neg_scores[name][neg_mask], s[pos_mask], thr, flags, onset)
+        # the first anomalous step of each piece only (a discontinuity is most visible there)
+        has = pos_mask.any(1)
+        first = s[np.flatnonzero(has), pos_mask[has].argmax(1)]
+        neg = neg_scores[name][neg_mask]
+        first, neg = first[np.isfinite(first)], neg[np.isfinite(neg)]
+        m["auroc_first_step"] = round(O.auroc(neg, first), 4) if first.size and neg.size else None
+        out[prefix + name] = m
     return out
 
 
@@ -140,7 +147,7 @@ def evaluate_ood(model, payload: dict[str, Any], entry: dict[str, Any], ocfg: di
     N = len(segs)
     neg_mask = np.broadcast_to(t >= c, (N, L))
     after = np.broadcast_to(t >= onset, (N, L))
-    score_mask = np.broadcast_to(t >= c, (N, L))
+    score_mask = t >= c  # [L], broadcast over pieces
 
     result: dict[str, Any] = {"cases": {}, "roc": {}}
     ff = {}
@@ -250,21 +257,25 @@ def markdown(res: dict[str, Any]) -> str:
               "| score | false-flag rate | within 2x |", "|---|---|---|"]
     for k, v in ev["id_false_flag_rate"].items():
         lines.append(f"| {k} | {v:.4f} | {'yes' if ev['id_false_flag_ok'][k] else 'NO'} |")
-    lines += ["", "| case | score | AUROC | AUPR | FPR@95TPR | TPR@thr | delay (steps) | detected | n_pos / n_neg |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "AUROC/AUPR/FPR@95TPR over every anomalous step; AUROC 1st: the first anomalous step of each piece only; "
+              "TPR@thr: flag rate at the calibrated threshold; delay: mean steps from onset to the first flag over "
+              "detected pieces; detected: fraction of pieces flagged at or after onset.", "",
+              "| case | score | AUROC | AUROC 1st | AUPR | FPR@95TPR | TPR@thr | delay (steps) | detected | n_pos / n_neg |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for case, ms in ev["cases"].items():
         if "note" in ms and len(ms) == 1:
-            lines.append(f"| {case} | – | {ms['note']} | | | | | | |")
+            lines.append(f"| {case} | – | {ms['note']} | | | | | | | |")
             continue
         best = ev["best"].get(case, {}).get("score")
         for k, m in ms.items():
             if m.get("auroc") is None:
-                lines.append(f"| {case} | {k} | {m.get('note', '–')} | | | | | | {m['n_pos']} / {m['n_neg']} |")
+                lines.append(f"| {case} | {k} | {m.get('note', '–')} | | | | | | | {m['n_pos']} / {m['n_neg']} |")
                 continue
             name = f"**{k}**" if k == best else k
             delay = "–" if m.get("delay_mean") is None else f"{m['delay_mean']:.2f}"
             det = "–" if m.get("detected_frac") is None else f"{m['detected_frac']:.2f}"
-            lines.append(f"| {case} | {name} | {m['auroc']:.3f} | {m['aupr']:.3f} | {m['fpr95']:.3f} | "
+            af = "–" if m.get("auroc_first_step") is None else f"{m['auroc_first_step']:.3f}"
+            lines.append(f"| {case} | {name} | {m['auroc']:.3f} | {af} | {m['aupr']:.3f} | {m['fpr95']:.3f} | "
                          f"{m.get('tpr_at_threshold', float('nan')):.3f} | {delay} | {det} | {m['n_pos']} / {m['n_neg']} |")
     dr = ev["drift"]
     lines += ["", f"Imagination drift: {dr['drifted_steps']} of {dr['imagined_steps']} imagined steps below "
