@@ -203,3 +203,32 @@ def test_generator_reproducible_and_temperature():
     assert torch.equal(outs[0].x_tilde, outs[1].x_tilde) and not torch.equal(outs[0].x_tilde, outs[2].x_tilde)
     # temperature 0 -> v = 0: the deep block returns its means; z of the frame is then ~0
     assert outs[2].x_tilde.isfinite().all()
+
+
+def test_jacobi_config_from_sampler_dict_and_errors():
+    d = {"method": "jacobi", "block_size_first": 4, "block_size": 8, "threshold": 0.0, "max_iter": 9,
+         "warm_start": True, "cfg": 0.0, "temperature": 1.0, "denoise": True}
+    jc = JacobiConfig.from_dict(d)
+    assert (jc.block_size_first, jc.block_size, jc.max_iter, jc.criterion) == (4, 8, 9, "token")
+    with pytest.raises(ValueError, match=r"missing keys \['threshold'\]"):
+        JacobiConfig.from_dict({k: v for k, v in d.items() if k != "threshold"})
+    with pytest.raises(ValueError, match="criterion"):
+        JacobiConfig(criterion="median")
+
+
+def test_mean_criterion_tau0_equals_sequential():
+    m = random_model()
+    z = torch.stack(noises(2, 2, torch.float64), 1)
+    a = torch.tensor([[1], [2]])
+    jc = JacobiConfig(block_size_first=4, block_size=8, threshold=0.0, max_iter=8, warm_start=True, criterion="mean")
+    assert (m.flow.invert(z, a, "sequential") - m.flow.invert(z, a, "jacobi", jc)).abs().max() < 1e-10
+
+
+def test_chunk_size_passes_suffice_for_the_exact_inverse():
+    """The exact prefix grows by one slot per pass: with tau = 0, max_iter = chunk size (not chunk + 1)
+    already gives the exact inverse."""
+    m = random_model()
+    z = torch.stack(noises(2, 2, torch.float64), 1)
+    a = torch.tensor([[1], [2]])
+    jc = JacobiConfig(block_size_first=4, block_size=8, threshold=0.0, max_iter=8, warm_start=False)
+    assert (m.flow.invert(z, a, "sequential") - m.flow.invert(z, a, "jacobi", jc)).abs().max() < 1e-10
