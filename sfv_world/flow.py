@@ -123,14 +123,6 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def index_rows(self, rows: torch.Tensor) -> "KVCache":
-        """A new cache holding the given batch rows (a copy)."""
-        out = object.__new__(KVCache)
-        out.k, out.v = self.k[:, rows].clone(), self.v[:, rows].clone()
-        out.key_valid = self.key_valid[rows].clone()
-        out.length, out.all_valid = self.length, bool(out.key_valid[:, :self.length].all())
-        return out
-
     def replace_rows(self, rows: torch.Tensor, other: "KVCache", other_rows: torch.Tensor) -> None:
         """Overwrite rows of this cache with other's rows (same committed length required)."""
         if other.length != self.length:
