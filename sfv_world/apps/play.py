@@ -286,7 +286,11 @@ class PlayApp:
         self.keymap = make_keymap(s.action_space, s.key_env, keys)
         if cfg.play.get("idle_action") is not None:
             self.keymap.idle = int(cfg.play.idle_action)
-        pygame.display.init()  # no audio: pygame.init() would open a sound device
+        try:
+            pygame.display.init()  # no audio: pygame.init() would open a sound device
+        except pygame.error as e:
+            raise RuntimeError(f"sfv-world play: no display ({e}); for a headless run set SDL_VIDEODRIVER=dummy "
+                               "and play.max_ticks / play.screenshot") from e
         pygame.font.init()
         self.scale = int(cfg.play.scale)
         h, w, _ = s.runtime.frame_shape
