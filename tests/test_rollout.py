@@ -315,3 +315,17 @@ def test_rollout_library_imports_no_ui_or_rl():
             "print(sorted(m for m in ('pygame', 'stable_baselines3', 'sfv_world.envs', 'sfv_world.apps') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_write_video_mp4_when_encoder_installed(tmp_path):
+    import imageio.v3 as iio
+
+    from sfv_world import video
+
+    if not video.mp4_available():
+        pytest.skip("imageio-ffmpeg (the `video` extra) is not installed: .mp4 requests fall back to GIF, "
+                    "tested in test_write_video_gif_fallback_and_errors")
+    frames = np.random.default_rng(0).integers(0, 255, (9, 7, 5, 3), dtype=np.uint8)
+    path = video.write_video(frames, tmp_path / "v.mp4", fps=8, scale=3)
+    assert path.suffix == ".mp4"
+    assert iio.imread(path, plugin="FFMPEG").shape == (9, 22, 16, 3)  # odd sizes padded to even for x264
