@@ -5,7 +5,7 @@
 
 The rollout command is run twice, with everything it writes (the generated HDF5 dataset, videos,
 plots and JSON) going to a temporary folder:
-- with the checkpoint's sampler settings;
+- with the default sampler settings (`configs/sampler/jacobi.yaml`);
 - as the worst case for the sampler, with `sampler.threshold=0`: block Jacobi never stops early, so
   every frame costs the full number of iterations a trained model could need.
 
@@ -45,7 +45,7 @@ def main() -> None:
     from sfv_world.apps.rollout import run
 
     rows = []
-    for name, extra in [("checkpoint sampler", []), ("worst case: sampler.threshold=0", ["sampler.threshold=0"])]:
+    for name, extra in [("default sampler (configs/sampler/jacobi.yaml)", []), ("worst case: sampler.threshold=0", ["sampler.threshold=0"])]:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = compose([f"checkpoint={args.checkpoint}", f"run_dir={tmp}", "device=cpu",
                            f"rollout.output={tmp}/rollout", f"rollout.episodes={args.episodes}",
