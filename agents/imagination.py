@@ -50,6 +50,7 @@ class AgentSettings:
     eval_episodes: int = 20
     context_frames: int = 4
     context_start: str = "random"
+    termination: str = "threshold"
     seed: int = 0
     device: str = "cpu"
     sampler: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +174,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     venv = DreamSB3VecEnv(
         checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, frame_stack=settings.frame_stack,
         horizon=settings.horizon, context_frames=settings.context_frames, context_start=settings.context_start,
+        termination=settings.termination,
         sampler=settings.sampler or None,
         device=settings.device,
     )

@@ -14,7 +14,8 @@ Observations (``obs_mode``):
 An imagined episode starts from real context (``context_frames`` frames and the actions between them),
 sampled from the train split of the checkpoint's dataset (read through ``sfv_world.datasets``), or from
 ``reset(options={"frames": ..., "actions": ...})``; one image is enough. It terminates when the
-termination head's probability exceeds ``termination_threshold`` and is truncated after ``horizon``
+termination head's probability exceeds ``termination_threshold`` (or, with ``termination="sample"``,
+with that probability) and is truncated after ``horizon``
 steps. ``info`` holds ``log_likelihood`` (bits/dim of the newest frame), ``jacobi_iterations``, and
 ``ood_score`` / ``ood`` (``sfv_world.ood.OODMonitor`` with the checkpoint's calibration; reset infos carry the
 context's score).
@@ -37,6 +38,7 @@ from sfv_world.ood import frame_positions
 
 OBS_MODES = ("pixels", "latent")
 CONTEXT_STARTS = ("random", "episode_start")
+TERMINATIONS = ("threshold", "sample")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +161,9 @@ class DreamCore:
         horizon: imagined-episode truncation, in steps.
         context_frames: real frames given to the model at reset (from the dataset).
         termination_threshold: terminate when sigmoid(termination logit) > this.
+        termination: ``"threshold"`` (default) or ``"sample"``: terminate with probability
+            sigmoid(logit), drawn from the seeded env RNG. Sampling keeps rare terminations (p < 0.5 on
+            every step) from vanishing, which a policy would otherwise exploit.
         sampler: sampler settings (``configs/sampler/*.yaml`` keys); default: the checkpoint's run config.
         device: torch device of the world model.
         context_window: frames kept in the KV cache (default: the model's ``max_frames``).
@@ -180,6 +185,7 @@ class DreamCore:
         horizon: int = 200,
         context_frames: int = 4,
         termination_threshold: float = 0.5,
+        termination: str = "threshold",
         sampler: dict[str, Any] | None = None,
         device: str = "cpu",
         context_window: int | None = None,
@@ -219,6 +225,9 @@ class DreamCore:
         self.horizon = int(horizon)
         self.context_frames = int(context_frames)
         self.termination_threshold = float(termination_threshold)
+        if termination not in TERMINATIONS:
+            raise ValueError(f"termination must be one of {TERMINATIONS}, got {termination!r}")
+        self.termination = termination
 
         meta = runtime.dataset_meta
         self.action_space = deserialize_space(meta["action_space"])
@@ -362,7 +371,10 @@ class DreamCore:
         self.stack[:, -1] = out.frames
         self.features = out.features.astype(np.float32)
         self.steps += 1
-        terminated = out.termination_prob > self.termination_threshold
+        if self.termination == "sample":
+            terminated = self.rng.random(self.num_envs) < out.termination_prob
+        else:
+            terminated = out.termination_prob > self.termination_threshold
         truncated = (self.steps >= self.horizon) & ~terminated
         info = {
             "log_likelihood": out.log_likelihood.astype(np.float32),

@@ -253,3 +253,23 @@ def test_context_sources_and_their_errors(ckpts, tmp_path):
         env.reset(seed=0)
     obs, _ = env.reset(seed=0, options={"frames": np.zeros((16, 16, 3), np.uint8)})
     assert (obs == 0).all()
+
+
+def test_sampled_terminations_follow_the_head_probability(ckpts):
+    # bias -3: p = sigmoid(-3) ~ 0.047 per step: never above the 0.5 threshold, but sampled it ends episodes
+    from dream_fixtures import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(ckpts["root"] / "rare.pt", load_checkpoint(ckpts["plain"])["dataset"]["path"],
+                                termination_bias=-3.0)
+    thr = DreamVectorEnv(num_envs=16, checkpoint=ckpt, horizon=1000)
+    smp = DreamVectorEnv(num_envs=16, checkpoint=ckpt, horizon=1000, termination="sample")
+    thr.reset(seed=0)
+    smp.reset(seed=0)
+    ends_thr = ends_smp = 0
+    for _ in range(20):
+        ends_thr += int(thr.step(np.zeros(16, np.int64))[2].sum())
+        ends_smp += int(smp.step(np.zeros(16, np.int64))[2].sum())
+    assert ends_thr == 0
+    assert 3 <= ends_smp <= 40  # 320 steps x ~0.047
+    with pytest.raises(ValueError, match="termination must be one of"):
+        DreamEnv(checkpoint=ckpt, termination="maybe")
