@@ -290,14 +290,20 @@ def test_evaluate_ood_runs_every_case(calibrated, tmp_path):
     settings = O.CalibrationSettings.from_dict(SMALL)
     entry = calibrated["entry"]
     ocfg = {"noise_levels": [4, 12, 32], "patch_frac": 0.25, "colour_shift": 48, "splice_dataset": str(other),
-            "drift_psnr": 30.0}
+            "drift_psnr": [30.0, 60.0]}
     res = evaluate_ood(model, payload, entry, ocfg, settings, progress=False)
     assert set(res["cases"]) == {"b_noise_4", "b_noise_12", "b_noise_32", "b_occlude",
-                                 "b_colour_shift", "b_hflip", "b_freeze", "c_splice", "d_imagination_drift"}
+                                 "b_colour_shift", "b_hflip", "b_freeze", "c_splice", "d_imagination_drift_psnr<30",
+                                 "d_imagination_drift_psnr<60"}
     m = res["cases"]["b_noise_32"]["typicality"]
     assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr95"] <= 1.0 and m["n_pos"] > 0 and m["n_neg"] > 0
     assert set(res["id_false_flag_rate"]) == set(O.SCORES)
-    assert "gen:nll" in res["cases"]["d_imagination_drift"]
+    assert "gen:nll" in res["cases"]["d_imagination_drift_psnr<60"]
+    assert res["drift"]["drifted_steps"]["60"] >= res["drift"]["drifted_steps"]["30"]
+    only_d = evaluate_ood(model, payload, entry, {**ocfg, "cases": ["d"]}, settings, progress=False)
+    assert set(only_d["cases"]) == {"d_imagination_drift_psnr<30", "d_imagination_drift_psnr<60"}
+    with pytest.raises(ValueError, match="unknown cases"):
+        evaluate_ood(model, payload, entry, {**ocfg, "cases": ["e"]}, settings, progress=False)
 
 
 def test_held_out_action_picks(calibrated):
@@ -311,3 +317,10 @@ def test_held_out_action_picks(calibrated):
             acts = r.load_episode(e, observations=False).actions
             assert acts[s + 2] == 1 and not np.any(acts[s:s + 2] == 1)  # action into frame 3 is the first 1
             assert s >= 0 and s + 5 <= r.episode_lengths[e] + 1
+
+
+def test_agent_config_switch():
+    from sfv_world.agents.imagination import AgentSettings
+
+    assert AgentSettings.from_config({"ood_truncate": True}).ood_truncate is True
+    assert AgentSettings.from_config({}).ood_truncate is False

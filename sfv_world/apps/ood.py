@@ -14,7 +14,8 @@
      shift, a horizontal flip, a frozen frame;
    - (c) frames of another environment (``splice_dataset``) spliced in from onset;
    - (d) imagination drift: the dream replays the logged actions from ``min_context`` real frames; a step
-     has drifted when its PSNR against the real frame is below ``drift_psnr``. Positives: drifted steps,
+     has drifted when its PSNR against the real frame is below ``drift_psnr`` (a number or a list: one
+     case per threshold). Positives: drifted steps,
      negatives: faithful imagined steps. Scored two ways: the dream's own sampling-time NLL against the
      imagined band (``gen:*``, what the env reports), and the served frames re-scored teacher-forced
      against the real band (``tf:*``).
@@ -23,7 +24,8 @@
    threshold and the detection delay (steps from onset to the first flag). Also the in-distribution
    false-flag rate of every score on the test split against the calibrated rate.
 
-Writes ``ood.output`` (JSON; entries are keyed by env id so several checkpoints share one file) plus a
+``ood.cases`` (default all of a, b, c, d) selects cases; re-running a subset on the same checkpoint keeps
+the other cases' results in ``ood.output``. Writes ``ood.output`` (JSON; entries are keyed by env id so several checkpoints share one file) plus a
 markdown table beside it, and ``report/ood.md`` + ``report/ood_roc.png`` in the checkpoint's run folder.
 """
 
@@ -164,8 +166,12 @@ def evaluate_ood(model, payload: dict[str, Any], entry: dict[str, Any], ocfg: di
         result["cases"][key] = _case_metrics(sc, sc_id, pos_mask, neg_mask, thr_real, onsets, score_mask)
         result["roc"][key] = _roc(sc, sc_id, pos_mask, neg_mask)
 
+    cases = set(str(x) for x in (ocfg.get("cases") or ("a", "b", "c", "d")))
+    unknown = cases - {"a", "b", "c", "d"}
+    if unknown:
+        raise ValueError(f"ood.cases: unknown cases {sorted(unknown)} (a, b, c, d)")
     # (a) held-out action
-    if excl:
+    if excl and "a" in cases:
         picks = O.subsample(held_out_action_picks(dataset, test_ids, L, onset, excl), settings.max_segments, seed)
         if picks:
             segs_case = O.load_segments(dataset, picks, L, fsize)
@@ -177,14 +183,16 @@ def evaluate_ood(model, payload: dict[str, Any], entry: dict[str, Any], ocfg: di
         else:
             result["cases"]["a_held_out_action"] = {"note": f"no test piece uses actions {excl} after a clean context"}
     # (b) perturbations
-    pert = O.perturbations(segs.frames, onset, tuple(ocfg.get("noise_levels", (4, 12, 32))),
+    pert = {} if "b" not in cases else O.perturbations(segs.frames, onset, tuple(ocfg.get("noise_levels", (4, 12, 32))),
                            float(ocfg.get("patch_frac", 0.33)), float(ocfg.get("colour_shift", 48)), seed)
     for name, frames in pert.items():
         log(f"(b) {name}")
         run_case(f"b_{name}", frames, segs.actions, after, onset)
     # (c) another environment spliced in
     other = ocfg.get("splice_dataset")
-    if other:
+    if "c" not in cases:
+        pass
+    elif other:
         oseg = O.read_segments(other, None, L - onset, fsize, N, (), seed)
         log(f"(c) splice {len(oseg)} pieces of {other}")
         run_case("c_splice", O.splice(segs.frames, onset, oseg.frames), segs.actions, after, onset)
@@ -192,45 +200,61 @@ def evaluate_ood(model, payload: dict[str, Any], entry: dict[str, Any], ocfg: di
     else:
         result["cases"]["c_splice"] = {"note": "ood.splice_dataset not set"}
     # (d) imagination drift
+    if "d" in cases:
+        _drift_cases(result, model, payload, meta, segs, c, L, t, settings, ocfg, kw, real_band, im_band, thr_real,
+                     thr_im, seed, log)
+    result["pieces"] = {"test_in_distribution": N, "segment_len": L, "min_context": c, "onset": onset}
+    result["best"] = best_scores(result["cases"])
+    return result
+
+
+def best_scores(cases: dict[str, Any]) -> dict[str, Any]:
+    """The score with the highest AUROC in every case."""
+    best = {}
+    for case, ms in cases.items():
+        ranked = [(m["auroc"], k) for k, m in ms.items() if isinstance(m, dict) and m.get("auroc") is not None]
+        if ranked:
+            a, k = max(ranked)
+            best[case] = {"score": k, "auroc": a}
+    return best
+
+
+def _drift_cases(result, model, payload, meta, segs, c, L, t, settings, ocfg, kw, real_band, im_band, thr_real,
+                 thr_im, seed, log) -> None:
+    """Case (d) at every PSNR threshold of ``ood.drift_psnr`` (one number or a list)."""
+    N = len(segs)
     log("(d) imagination")
     im = O.imagine(model, meta, segs, c, O.run_sampler_settings(payload), seed=seed, batch_size=settings.batch_size)
     mse = np.mean((im.frames.astype(np.float64) - segs.frames.astype(np.float64)) ** 2, axis=(2, 3, 4))
     with np.errstate(divide="ignore"):
         psnr = 10 * np.log10(255.0 ** 2 / mse)
-    drift_psnr = float(ocfg.get("drift_psnr", 20.0))
     gen_steps = np.broadcast_to(t >= c, (N, L))
-    drifted = (psnr < drift_psnr) & gen_steps
-    faithful = (~drifted) & gen_steps
-    first = np.where(drifted.any(1), drifted.argmax(1), L)
     sc_gen = O.derive_scores(O.imagined_frame_scores(im), im_band, settings.window, c)
     sc_gen.pop("action_ratio")
     fs_tf = O.score_frames(model, im.frames, segs.actions, **kw)
     sc_tf = O.derive_scores(fs_tf, real_band, settings.window, c)
-    rows = drifted.any(1)
-    d = {}
-    d.update(_case_metrics(sc_gen, sc_gen, drifted, faithful, thr_im, first, gen_steps, "gen:", rows))
-    d.update(_case_metrics(sc_tf, sc_tf, drifted, faithful, thr_real, first, gen_steps, "tf:", rows))
-    for m in d.values():  # delays only over pieces that drift
-        if "detected_frac" in m:
-            m["pieces_drifting"] = int(rows.sum())
-    result["cases"]["d_imagination_drift"] = d
-    result["roc"]["d_imagination_drift"] = {**_roc(sc_gen, sc_gen, drifted, faithful, "gen:"),
-                                            **_roc(sc_tf, sc_tf, drifted, faithful, "tf:")}
-    result["drift"] = {"psnr_threshold": drift_psnr, "drifted_steps": int(drifted.sum()),
-                       "imagined_steps": int(gen_steps.sum()),
-                       "psnr_mean_per_step": [None if i < c else round(float(np.mean(psnr[:, i][np.isfinite(psnr[:, i])]))
-                                                                          if np.isfinite(psnr[:, i]).any() else 100.0, 2)
-                                              for i in range(L)]}
-    result["pieces"] = {"test_in_distribution": N, "segment_len": L, "min_context": c, "onset": onset}
-    # best score per case
-    best = {}
-    for case, ms in result["cases"].items():
-        ranked = [(m["auroc"], k) for k, m in ms.items() if isinstance(m, dict) and m.get("auroc") is not None]
-        if ranked:
-            a, k = max(ranked)
-            best[case] = {"score": k, "auroc": a}
-    result["best"] = best
-    return result
+    levels = ocfg.get("drift_psnr", 20.0)
+    levels = [float(x) for x in (levels if isinstance(levels, (list, tuple)) else [levels])]
+    fin = np.where(np.isfinite(psnr), psnr, 100.0)[:, c:]
+    result["drift"] = {"psnr_thresholds": levels, "imagined_steps": int(gen_steps.sum()), "drifted_steps": {},
+                       "psnr_mean_per_step": [None] * c + np.round(fin.mean(0), 2).tolist(),
+                       "psnr_quantiles": {q: round(float(np.quantile(fin, q)), 2) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}}
+    for level in levels:
+        key = "d_imagination_drift" if len(levels) == 1 else f"d_imagination_drift_psnr<{level:g}"
+        drifted = (psnr < level) & gen_steps
+        faithful = (~drifted) & gen_steps
+        first = np.where(drifted.any(1), drifted.argmax(1), L)
+        rows = drifted.any(1)
+        d = {}
+        d.update(_case_metrics(sc_gen, sc_gen, drifted, faithful, thr_im, first, gen_steps, "gen:", rows))
+        d.update(_case_metrics(sc_tf, sc_tf, drifted, faithful, thr_real, first, gen_steps, "tf:", rows))
+        for m in d.values():  # delays only over pieces that drift
+            if "detected_frac" in m:
+                m["pieces_drifting"] = int(rows.sum())
+        result["cases"][key] = d
+        result["roc"][key] = {**_roc(sc_gen, sc_gen, drifted, faithful, "gen:"),
+                              **_roc(sc_tf, sc_tf, drifted, faithful, "tf:")}
+        result["drift"]["drifted_steps"][f"{level:g}"] = int(drifted.sum())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,9 +301,11 @@ def markdown(res: dict[str, Any]) -> str:
             af = "–" if m.get("auroc_first_step") is None else f"{m['auroc_first_step']:.3f}"
             lines.append(f"| {case} | {name} | {m['auroc']:.3f} | {af} | {m['aupr']:.3f} | {m['fpr95']:.3f} | "
                          f"{m.get('tpr_at_threshold', float('nan')):.3f} | {delay} | {det} | {m['n_pos']} / {m['n_neg']} |")
-    dr = ev["drift"]
-    lines += ["", f"Imagination drift: {dr['drifted_steps']} of {dr['imagined_steps']} imagined steps below "
-              f"{dr['psnr_threshold']} dB PSNR against the real rollout.", ""]
+    dr = ev.get("drift")
+    if dr:
+        counts = ", ".join(f"{n} below {k} dB" for k, n in dr["drifted_steps"].items())
+        lines += ["", f"Imagination drift (case d): of {dr['imagined_steps']} imagined steps, {counts} (PSNR against "
+                  f"the real frame under the same actions; PSNR quantiles {dr['psnr_quantiles']}).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -352,8 +378,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                   for band in ("real", "imagined")},
     }
     res["calibration"]["episodes"] = len(entry["episodes"])
+    out = Path(ocfg.get("output") or "benchmarks/results/ood.json")
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    runs = merged.get("runs", {}) if isinstance(merged, dict) else {}
     if bool(ocfg.get("evaluate", True)):
-        res["evaluation"] = evaluate_ood(model, payload, entry, ocfg, settings)
+        ev = evaluate_ood(model, payload, entry, ocfg, settings)
+        prev = (runs.get(str(env_id)) or {}).get("evaluation")
+        if ocfg.get("cases") and prev and prev.get("pieces") == ev["pieces"] and \
+                (runs[str(env_id)].get("checkpoint"), runs[str(env_id)].get("train_step")) == (str(ckpt), res["train_step"]):
+            # a subset of cases was re-run on the same checkpoint: keep the other cases' results
+            for k in ("cases", "roc"):
+                prev[k] = {**{c: v for c, v in prev[k].items()
+                              if not (c.startswith("d_") and any(n.startswith("d_") for n in ev[k]))}, **ev[k]}
+            for k, v in ev.items():
+                if k not in ("cases", "roc"):
+                    prev[k] = v
+            prev["best"] = best_scores(prev["cases"])
+            ev = prev
+        res["evaluation"] = ev
     res["wall_s"] = round(time.time() - t0, 1)
     report = _report_dir(cfg)
     report.mkdir(parents=True, exist_ok=True)
@@ -361,10 +403,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     text = markdown(res) + (f"\n![ROC]({png.name})\n" if png else "")
     (report / "ood.md").write_text(text)
     (report / "ood.json").write_text(json.dumps(res, indent=1))
-    out = Path(ocfg.get("output") or "benchmarks/results/ood.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    merged = json.loads(out.read_text()) if out.exists() else {}
-    runs = merged.get("runs", {}) if isinstance(merged, dict) else {}
     runs[str(env_id)] = res
     out.write_text(json.dumps({"runs": runs}, indent=1))
     if png:
