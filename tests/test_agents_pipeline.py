@@ -45,7 +45,8 @@ def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(t
     assert agent_json["real_return_mean"] is not None and agent_json["real_return_mean"] > 0
     assert agent_json["model_free_real_return_mean"] is not None and agent_json["random_real_return_mean"] > 0
     assert agent_json["real_frames_used"] == results["collect"]["transitions"]
-    assert set(agent_json["stage_wall_s"]) == {"collect", "train", "quality", "agent", "evaluate"}
+    assert json.loads((tmp_path / "agent" / "model_free-ppo" / "result.json").read_text())["real_steps"] >= 32
+    assert set(agent_json["stage_wall_s"]) == {"collect", "train", "agent", "quality", "baseline", "evaluate"}
     assert (tmp_path / "agent" / "ppo-pixels" / "policy.zip").is_file()
     assert (tmp_path / "agent" / "model_free-ppo" / "policy.zip").is_file()
 
@@ -68,3 +69,28 @@ def test_pipeline_restarts_an_interrupted_collection(tmp_path):
     out = stage_collect(cfg)
     assert out["episodes"] == 8 and not out["reused"] and not partial.exists()
     assert stage_collect(cfg)["reused"]
+
+
+def test_outer_loop_collects_with_the_agent_retrains_and_continues(tmp_path):
+    from omegaconf import open_dict
+
+    from sfv_world.apps import pipeline
+    from sfv_world.datasets import DatasetReader
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.pipeline = {"iterations": 2, "collect_episodes": 3, "epsilon": 0.5, "max_real_frames": 50_000}
+    results = pipeline.run(cfg)
+    first = results["collect"]["transitions"]
+    second = results["collect@1"]
+    assert second["new_episodes"] == 3 and second["transitions"] == first + second["new_transitions"]
+    with DatasetReader(tmp_path / "iter1" / "data" / "cartpole") as r:
+        assert r.num_episodes == 8 + 3 and r.metadata["sfv_world"]["merged_from"]
+    with DatasetReader(tmp_path / "iter1" / "data" / "collected") as r:
+        assert r.metadata["sfv_world"]["policy"]["name"] == "sb3-imagination"
+    assert (tmp_path / "iter1" / "checkpoints" / "last.pt").is_file()
+    assert results["agent@1"]["imagination"]["dream_steps"] == 128  # continued from iteration 0's 64 steps
+    agent_json = json.loads((tmp_path / "report" / "agent.json").read_text())
+    assert [h["iteration"] for h in agent_json["iterations"]] == [0, 1]
+    assert agent_json["real_frames_used"] == second["transitions"]
+    assert "Outer loop" in (tmp_path / "report" / "report.md").read_text()

@@ -126,10 +126,83 @@ def stage_quality(cfg: DictConfig) -> dict[str, Any]:
     return quality.run(_with(cfg, **{"quality.output": str(quality_output(cfg))}))
 
 
-def stage_agent(cfg: DictConfig) -> dict[str, Any]:
+def stage_agent(cfg: DictConfig, warm_start: Path | None = None) -> dict[str, Any]:
+    """The imagination agent; ``warm_start``: a previous iteration's ``checkpoint.zip`` to continue from."""
     from sfv_world.apps import agent
 
-    return agent.run(_with(cfg, **{"agent.baseline": True}))
+    if warm_start is not None:
+        target = agent.agent_dirs(cfg)["imagination"] / "checkpoint.zip"
+        if not target.exists() and warm_start.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(warm_start, target)
+    return agent.run(_with(cfg, **{"agent.baseline": False}))
+
+
+def stage_baseline(cfg: DictConfig) -> dict[str, Any]:
+    """The model-free baseline with as many real steps as the (final) dataset holds."""
+    from sfv_world.apps import agent
+
+    return agent.run(_with(cfg, **{"agent.baseline": True}))["model_free"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the outer loop: collect with the current agent -> retrain on all data -> continue the agent
+
+
+def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
+    """Config of outer-loop iteration ``it`` (0: the run itself; k: ``<run_dir>/iter<k>``)."""
+    if it == 0:
+        return cfg
+    rd = Path(cfg.run_dir) / f"iter{it}"
+    return _with(cfg, run_dir=str(rd), dataset=str(rd / "data" / str(cfg.env.name)),
+                 checkpoint=str(rd / "checkpoints" / "last.pt"),
+                 **{"agent.total_timesteps": int(cfg.agent.total_timesteps) * (it + 1)})
+
+
+def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_real_frames: int) -> dict[str, Any]:
+    """Iteration ``it``: collect episodes with ``prev``'s imagination agent, merge them with ``prev``'s dataset.
+
+    Episode seeds start at ``seed + 1000 * it`` (new initial states); at most ``max_real_frames`` real
+    transitions in all datasets together.
+    """
+    from sfv_world.agents.collection import ImaginationAgentPolicy, merge_datasets
+    from sfv_world.agents.evaluation import ObservationSpec
+    from sfv_world.agents.policies import algo_class
+    from sfv_world.apps.agent import agent_dirs
+    from sfv_world.datasets import DatasetReader, collect, partial_path_for
+    from sfv_world.envs.sources import make_source_env
+    from sfv_world.world import WorldRuntime
+
+    with DatasetReader(prev.dataset) as reader:
+        have = reader.num_transitions
+    budget = int(max_real_frames) - have
+    if budget <= 0:
+        raise ValueError(f"the real-frame budget pipeline.max_real_frames={max_real_frames} is spent ({have} frames)")
+    new = Path(cur.run_dir) / "data" / "collected"
+    overwrite = new.exists() or partial_path_for(new).exists()
+    runtime = WorldRuntime.from_checkpoint(prev.checkpoint, batch_size=1, seed=int(cur.seed))
+    spec = ObservationSpec.from_runtime(runtime, str(cur.agent.obs_mode), int(cur.agent.frame_stack))
+    policy_path = agent_dirs(prev)["imagination"] / "policy.zip"
+    model = algo_class(cur.agent.algo).load(policy_path, device="cpu")
+    env = make_source_env(cur.env)
+    try:
+        policy = ImaginationAgentPolicy(model, env.action_space, spec,
+                                        epsilon=float(OmegaConf.select(cur, "pipeline.epsilon", default=0.1)),
+                                        seed=int(cur.seed), runtime=runtime if spec.obs_mode == "latent" else None,
+                                        path=str(policy_path))
+        episodes = int(OmegaConf.select(cur, "pipeline.collect_episodes", default=None) or cur.collect.episodes)
+        stats = collect(env, new, policy, episodes=episodes, max_frames=budget, frame_size=int(cur.collect.frame_size),
+                        frame_source=cur.env.frame_source, seed=int(cur.seed) + 1000 * it,
+                        env_id=cur.env.id, overwrite=overwrite, progress=False,
+                        info={"env_name": str(cur.env.name), "collected_by": str(policy_path)})
+    finally:
+        env.close()
+    merge_datasets([prev.dataset, new], cur.dataset, overwrite=True)
+    with DatasetReader(cur.dataset) as reader:
+        total = reader.num_transitions
+    return {"dataset": str(cur.dataset), "new_episodes": stats.episodes, "new_transitions": stats.transitions,
+            "new_return_mean": float(np.mean(stats.returns)) if stats.returns else None,
+            "episodes": None, "transitions": total}
 
 
 def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -308,15 +381,26 @@ def plot_returns(cfg: DictConfig, evaluation: dict[str, Any] | None, report: Pat
     return "returns.png"
 
 
-def stage_report(cfg: DictConfig, stages: Stages, t_start: float) -> dict[str, Any]:
+def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: int = 1) -> dict[str, Any]:
+    """The report of the final iteration's run folder (``cfg``), written to ``<top run_dir>/report``."""
+    from sfv_world.datasets import DatasetReader
+
     run_dir = Path(cfg.run_dir)
-    report = run_dir / "report"
+    report = stages.dir.parent / "report"
     report.mkdir(parents=True, exist_ok=True)
-    collect = stages.result("collect") if stages.done("collect") else {}
-    train = stages.result("train") if stages.done("train") else {}
+    suffix = "" if iterations == 1 else f"@{iterations - 1}"
+    with DatasetReader(cfg.dataset) as reader:
+        collect = {"episodes": reader.num_episodes, "transitions": reader.num_transitions}
+    train = stages.result("train" + suffix) if stages.done("train" + suffix) else {}
     quality = stages.result("quality") if stages.done("quality") else None
-    agent = stages.result("agent") if stages.done("agent") else {}
+    agent = stages.result("agent" + suffix) if stages.done("agent" + suffix) else {}
     evaluation = stages.result("evaluate") if stages.done("evaluate") else None
+    history = []
+    for it in range(iterations):
+        res = (stages.result("agent" + ("" if it == 0 else f"@{it}")) or {}).get("imagination", {})
+        frames = (stages.result("collect" + ("" if it == 0 else f"@{it}")) or {}).get("transitions")
+        history.append({"iteration": it, "real_frames": frames, "dream_steps": res.get("dream_steps"),
+                        "real_return_mean": res.get("real_return_mean")})
     figs = {"training": plot_training(run_dir, report), "quality": plot_quality(quality, report),
             "returns": plot_returns(cfg, evaluation, report)}
     gifs = dream_vs_real(cfg, report)
@@ -338,6 +422,7 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float) -> dict[str, A
         "meets_target": None if im.get("return_mean") is None else bool(im["return_mean"] >= 200.0),
         "pipeline_wall_s": round(sum(v for k, v in stages.timings.items() if k != "report"), 1),
         "stage_wall_s": stages.timings,
+        "iterations": history,
     }
     (report / "agent.json").write_text(json.dumps(agent_json, indent=1, default=_json_default))
     if str(cfg.preset_name) == "cpu-demo":
@@ -389,6 +474,12 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float) -> dict[str, A
         e = (evaluation or {}).get(key)
         if e:
             lines.append(f"| {name} | {e['return_mean']:.1f} | {e['return_std']:.1f} | {e['episodes']} |")
+    if iterations > 1:
+        lines += ["", "Outer loop (collect with the agent -> retrain the world model -> continue the agent):", "",
+                  "| iteration | real frames so far | dream steps | real return (agent's own eval) |", "|---|---|---|---|"]
+        for h in history:
+            lines.append(f"| {h['iteration']} | {fmt(h['real_frames'])} | {fmt(h['dream_steps'])} | "
+                         f"{fmt(h['real_return_mean'])} |")
     lines += ["", f"Target: mean real return >= 200 over 20 episodes: "
               f"{'met' if agent_json['meets_target'] else 'not met'}.", ""]
     if figs["returns"]:
@@ -403,19 +494,40 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float) -> dict[str, A
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) the pipeline; ``pipeline.iterations`` > 1 adds outer-loop iterations.
+
+    Optional keys: ``pipeline.iterations`` (default 1), ``pipeline.collect_episodes`` (episodes collected
+    by the agent per iteration, default ``collect.episodes``), ``pipeline.epsilon`` (0.1),
+    ``pipeline.max_real_frames`` (50,000: the real-frame budget over all iterations).
+    """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "pipeline_config.yaml", resolve=True)
     stages = Stages(run_dir)
     t0 = time.time()
-    results = {
+    iterations = int(OmegaConf.select(cfg, "pipeline.iterations", default=1))
+    max_frames = int(OmegaConf.select(cfg, "pipeline.max_real_frames", default=50_000))
+    if iterations < 1:
+        raise ValueError(f"pipeline.iterations must be >= 1, got {iterations}")
+    results: dict[str, Any] = {
         "collect": stages.run("collect", lambda: stage_collect(cfg)),
         "train": stages.run("train", lambda: stage_train(cfg)),
-        "quality": stages.run("quality", lambda: stage_quality(cfg)),
         "agent": stages.run("agent", lambda: stage_agent(cfg)),
-        "evaluate": stages.run("evaluate", lambda: stage_evaluate(cfg)),
     }
-    results["report"] = stages.run("report", lambda: stage_report(cfg, stages, t0))
+    final = cfg
+    for it in range(1, iterations):
+        prev, cur = iteration_cfg(cfg, it - 1), iteration_cfg(cfg, it)
+        from sfv_world.apps.agent import agent_dirs
+
+        results[f"collect@{it}"] = stages.run(f"collect@{it}", lambda: stage_collect_with_agent(prev, cur, it, max_frames))
+        results[f"train@{it}"] = stages.run(f"train@{it}", lambda: stage_train(cur))
+        warm = agent_dirs(prev)["imagination"] / "checkpoint.zip"
+        results[f"agent@{it}"] = stages.run(f"agent@{it}", lambda: stage_agent(cur, warm_start=warm))
+        final = cur
+    results["quality"] = stages.run("quality", lambda: stage_quality(final))
+    results["baseline"] = stages.run("baseline", lambda: stage_baseline(final))
+    results["evaluate"] = stages.run("evaluate", lambda: stage_evaluate(final))
+    results["report"] = stages.run("report", lambda: stage_report(final, stages, t0, iterations))
     return results
 
 
