@@ -64,11 +64,22 @@ def random_cpu_demo_checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder / "random-cpu-demo.pt", payload)
 
 
+# (row name, sampler overrides). "jacobi-bj1": block Jacobi for the deep block with chunks of 1 token
+# for the shallow blocks (block_size_first=1, which only the shallow blocks and a context-free first
+# frame use): on CPU a 1-token chunk costs what a sequential step costs and is exact, while a whole-frame
+# shallow chunk recomputes every slot on every iteration.
+VARIANTS = {
+    "jacobi": {"method": "jacobi"},
+    "jacobi-bj1": {"method": "jacobi", "block_size_first": 1},
+    "sequential": {"method": "sequential"},
+}
+
+
 def measure(checkpoint: Path, batch: int, method: str, device: str, seconds: float, sampler: dict) -> dict:
     from sfv_world.envs.dream import DreamVectorEnv
 
     env = DreamVectorEnv(num_envs=batch, checkpoint=checkpoint, device=device, horizon=10**9,
-                         sampler={**sampler, "method": method})
+                         sampler={**sampler, **VARIANTS[method]})
     env.reset(seed=0)
     rng = np.random.default_rng(0)
     for _ in range(3):  # warm-up (allocations, first re-encode paths)
@@ -123,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for method in ("jacobi", "sequential"):
+        for method in VARIANTS:
             r = measure(ckpt, batch, method, args.device, args.seconds, sampler)
             rows.append(r)
             print(json.dumps(r), flush=True)
     by = {(r["batch"], r["method"]): r for r in rows}
     for r in rows:
-        if r["method"] == "jacobi" and (r["batch"], "sequential") in by:
-            r["speedup_vs_sequential"] = round(r["env_steps_per_s"] / by[(r["batch"], "sequential")]["env_steps_per_s"], 2)
-    j64 = by.get((64, "jacobi"))
+        if r["method"] != "sequential" and (r["batch"], "sequential") in by:
+            seq = by[(r["batch"], "sequential")]
+            r["speedup_vs_sequential"] = round(r["env_steps_per_s"] / seq["env_steps_per_s"], 2)
+            r["cpu_speedup_vs_sequential"] = round(r["env_steps_per_cpu_s"] / seq["env_steps_per_cpu_s"], 2)
+    j64 = max((r for r in rows if r["batch"] == 64 and r["method"] != "sequential"),
+              key=lambda r: r["env_steps_per_cpu_s"], default=None)
     result = {
         "benchmark": "dream env throughput (DreamVectorEnv.step, env-steps/s)",
         "model": source,
@@ -142,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "load_avg_1min": round(os.getloadavg()[0], 2)},
         "sampler": sampler,
         "target_env_steps_per_s_at_64": TARGET,
-        "meets_target": None if j64 is None else bool(j64["env_steps_per_s"] >= TARGET),
+        "best_jacobi_at_64": j64,
+        "meets_target_wall": None if j64 is None else bool(j64["env_steps_per_s"] >= TARGET),
+        "meets_target_per_cpu_s": None if j64 is None else bool(j64["env_steps_per_cpu_s"] >= TARGET),
         "rows": rows,
     }
     out = Path(args.output)
@@ -152,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
              f"{os.cpu_count()} CPUs (1-min load {result['machine']['load_avg_1min']}). Target: >= {TARGET:.0f} "
              f"env-steps/s at batch 64 (Jacobi).", *([args.note] if args.note else []), "",
              "| batch | sampler | env-steps/s (wall) | ms/step (wall) | env-steps per CPU-s | deep iterations/frame "
-             "| Jacobi speed-up (wall) |",
+             "| speed-up vs sequential (wall / CPU) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['method']} | {r['env_steps_per_s']:.1f} | {r['ms_per_step']:.1f} | "
-                     f"{r['env_steps_per_cpu_s']:.1f} | {r['mean_iterations']:.1f} | {r.get('speedup_vs_sequential', '')} |")
+                     f"{r['env_steps_per_cpu_s']:.1f} | {r['mean_iterations']:.1f} | "
+                     + (f"{r['speedup_vs_sequential']} / {r['cpu_speedup_vs_sequential']} |" if "speedup_vs_sequential" in r
+                        else " |"))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if tmp is not None:
