@@ -362,7 +362,8 @@ class StarFlowV(nn.Module):
         return frame_mask.sum().clamp(min=1) * dims
 
     def head_loss(self, out: FlowOutput, rewards: torch.Tensor, terminations: torch.Tensor,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                  mask: torch.Tensor | None = None,
+                  termination_pos_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
         """Reward + termination loss over valid transitions.
 
         rewards float [B, T-1]; terminations bool [B, T-1]; mask bool [B, T] (frame mask: a
@@ -370,7 +371,8 @@ class StarFlowV(nn.Module):
         """
         if mask is not None and mask.shape[1] == out.nll.shape[1]:
             mask = mask[:, :-1] & mask[:, 1:]
-        return self.heads.loss(out.reward, out.termination_logit, rewards, terminations, mask)
+        return self.heads.loss(out.reward, out.termination_logit, rewards, terminations, mask,
+                               termination_pos_weight)
 
     # -- frame-by-frame generation ------------------------------------------------------------------
 

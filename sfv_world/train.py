@@ -348,7 +348,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.flow_net(x_tilde, batch["actions"], drop_actions=drop, frame_mask=mask)
         flow_loss = self.model.flow.flow_loss(out, frame_mask=mask)
-        head_loss, head_metrics = self.model.flow.head_loss(out, batch["rewards"], batch["terminations"], mask)
+        head_loss, head_metrics = self.model.flow.head_loss(
+            out, batch["rewards"], batch["terminations"], mask, float(tcfg.termination_pos_weight)
+        )
         loss = flow_loss + tcfg.head_weight * head_loss
 
         self.flow_opt.zero_grad(set_to_none=True)
