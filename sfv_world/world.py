@@ -22,7 +22,8 @@ RoPE frame indices stay inside the trained range.
 
 Frame sizes. Datasets store frames at their frame size (e.g. 64); the model may work smaller (e.g.
 32). The runtime's frames are at the **model's** frame size; larger uint8 inputs are area-resized with
-the datasets' ``area_resize`` (the same preprocessing the trainer applies).
+the datasets' ``area_resize`` rule (the same preprocessing the trainer applies; integer factors are done
+here in torch, bit-identically, so that the runtime never imports the datasets layer or Gymnasium).
 
 This module knows nothing of Gymnasium, SB3 or pygame (DESIGN.md section 2).
 """
@@ -121,6 +122,22 @@ class WorldStep:
     log_likelihood: np.ndarray
     jacobi_iterations: np.ndarray
     features: np.ndarray
+
+
+def area_downsample(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Area (box-filter) resize by integer factors: uint8 [..., H, W, C] -> uint8 [..., h, w, C].
+
+    Each output pixel is the mean of its fy x fx input block, rounded half up in exact integer
+    arithmetic: bit-identical to ``sfv_world.datasets.area_resize`` for integer ratios, without importing
+    the datasets layer (and with it gymnasium) into the runtime.
+    """
+    *lead, H, W, C = frames.shape
+    fy, fx = H // h, W // w
+    if fy * h != H or fx * w != W:
+        raise ValueError(f"area_downsample: {H}x{W} -> {h}x{w} is not an integer factor")
+    blocks = frames.to(torch.int32).reshape(*lead, h, fy, w, fx, C).sum(dim=(-4, -2))
+    n = fy * fx
+    return torch.div(2 * blocks + n, 2 * n, rounding_mode="floor").to(torch.uint8)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -256,14 +273,17 @@ class WorldRuntime:
         h, w, c = self.frame_shape
         if f.ndim < 3 or f.shape[-1] != c:
             raise ValueError(f"{name} must be uint8 [..., H, W, {c}], got shape {f.shape}")
-        if f.shape[-3:-1] != (h, w):
+        t = torch.from_numpy(np.array(f, copy=not f.flags.writeable or not f.flags.c_contiguous)).to(self.device)
+        if tuple(f.shape[-3:-1]) != (h, w):
             H, W = f.shape[-3:-1]
             if H < h or W < w:
                 raise ValueError(f"{name}: frames of {H}x{W} are smaller than the model's {h}x{w}")
-            from sfv_world.datasets import area_resize
+            if H % h == 0 and W % w == 0:
+                t = area_downsample(t, h, w)
+            else:  # fractional ratio: the datasets' general kernel (imports the datasets layer)
+                from sfv_world.datasets.preprocess import area_resize
 
-            f = area_resize(f, (h, w))
-        t = torch.from_numpy(np.array(f, copy=not f.flags.writeable or not f.flags.c_contiguous)).to(self.device)
+                t = torch.from_numpy(area_resize(f, (h, w))).to(self.device)
         return self.codec.encode(t.movedim(-1, -3))
 
     def _actions_to_model(self, actions: Any, lead: tuple[int, ...], name: str) -> torch.Tensor:

@@ -220,3 +220,29 @@ def test_reset_rows_as_a_permutation_routes_each_context_to_its_row(tiny):
     np.testing.assert_allclose(rb.log_likelihood, ra.log_likelihood, rtol=0, atol=1e-9)
     for i, row in enumerate([2, 0, 1]):
         torch.testing.assert_close(b.state.history_x[row], a.state.history_x[i], rtol=0, atol=0)
+
+
+def test_integer_area_downsample_matches_the_datasets_resize():
+    from sfv_world.datasets import area_resize
+    from sfv_world.world import area_downsample
+
+    x = np.random.default_rng(0).integers(0, 256, (3, 2, 64, 64, 3), dtype=np.uint8)
+    for size in (32, 16, 8):
+        np.testing.assert_array_equal(area_downsample(torch.from_numpy(x), size, size).numpy(), area_resize(x, size))
+
+
+def test_the_runtime_imports_no_gymnasium_sb3_or_pygame(tiny):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from sfv_world.world import WorldRuntime\n"
+        f"rt = WorldRuntime.from_checkpoint({str(tiny['ckpt'])!r}, batch_size=1, seed=0)\n"
+        "rt.reset(np.zeros((1, 2, 32, 32, 3), np.uint8), np.zeros((1, 1), np.int64))\n"
+        "rt.step(np.array([1]))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'gymnasium', 'stable_baselines3', 'pygame'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
