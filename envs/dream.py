@@ -406,6 +406,7 @@ class DreamEnv(gym.Env):
         self.observation_space = self.core.observation_space
         self.action_space = self.core.action_space
         self._needs_reset = True
+        self._seeded = False
 
     @property
     def runtime(self):
@@ -415,7 +416,7 @@ class DreamEnv(gym.Env):
         super().reset(seed=seed)
         if seed is not None:
             self.core.seed(seed)
-        elif self._needs_reset and not hasattr(self, "_seeded"):
+        elif not self._seeded:  # first reset without a seed: derive one from gymnasium's random np_random
             self.core.seed(int(self.np_random.integers(0, 2**62)))
         self._seeded = True
         info = self.core.reset_rows(np.zeros(1, dtype=np.int64), options)

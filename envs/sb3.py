@@ -32,6 +32,7 @@ class DreamSB3VecEnv(VecEnv):
         self.core = DreamCore(checkpoint, num_envs=num_envs, **kwargs)
         self.render_mode = render_mode
         self._actions: np.ndarray | None = None
+        self._seeded = False
         super().__init__(self.core.num_envs, self.core.observation_space, self.core.action_space)
 
     @property
@@ -44,7 +45,7 @@ class DreamSB3VecEnv(VecEnv):
         seed = next((s for s in self._seeds if s is not None), None)
         if seed is not None:
             self.core.seed(int(seed))
-        elif not getattr(self, "_seeded", False):
+        elif not self._seeded:
             self.core.seed(int(np.random.default_rng().integers(0, 2**62)))
         self._seeded = True
         options = self._options[0] if self._options and self._options[0] else None
