@@ -51,7 +51,8 @@ def policy_for(obs_mode: str, observation_space: gym.spaces.Space, policy: str |
     """(SB3 policy name, policy_kwargs) for an observation mode.
 
     pixels -> ``CnnPolicy`` (with :class:`SmallCNN` below 36x36 pixels); latent -> ``MlpPolicy``.
-    An explicit ``policy`` other than the mode's default is an error (a CNN cannot read vectors).
+    ``policy`` None or ``"auto"`` picks the mode's policy; naming the other one is an error (a CNN cannot
+    read feature vectors, and an MLP on raw frames is not what ``pixels`` means here).
     """
     if obs_mode == "pixels":
         name = "CnnPolicy"
@@ -63,7 +64,7 @@ def policy_for(obs_mode: str, observation_space: gym.spaces.Space, policy: str |
         name, kwargs = "MlpPolicy", {"net_arch": [256, 256]}
     else:
         raise ValueError(f"obs_mode must be 'pixels' or 'latent', got {obs_mode!r}")
-    if policy not in (None, name):
+    if policy not in (None, "auto", name):
         raise ValueError(f"agent.policy={policy!r} does not fit obs_mode={obs_mode!r} (use {name})")
     return name, kwargs
 

@@ -158,6 +158,7 @@ def test_bad_agent_settings():
         small(obs_mode="latent", policy="CnnPolicy").validate()
     name, kwargs = policy_for("pixels", __import__("gymnasium").spaces.Box(0, 255, (64, 64, 12), np.uint8))
     assert name == "CnnPolicy" and kwargs == {}  # large frames keep SB3's NatureCNN
+    assert policy_for("latent", __import__("gymnasium").spaces.Box(-1, 1, (8,)), "auto")[0] == "MlpPolicy"
 
 
 def test_imagination_policy_collects_real_episodes_in_both_observation_modes(cartpole, tmp_path):
