@@ -528,7 +528,7 @@ class CalibrationSettings:
     max_segments: int = 256
     stride: int | None = None  # start a piece every `stride` frames (default segment_len // 2)
     batch_size: int = 32
-    env_score: str = "typicality"
+    env_score: str = "nll"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "CalibrationSettings":
@@ -729,7 +729,7 @@ class OODMonitor:
         self.entry = entry
         self.num_envs = int(num_envs)
         settings = (entry or {}).get("settings", {})
-        self.score = str(score or settings.get("env_score", "typicality"))
+        self.score = str(score or settings.get("env_score", "nll"))
         if self.score not in SCORES or self.score == "action_ratio":
             raise ValueError(f"OOD score for the env must be one of {[s for s in SCORES if s != 'action_ratio']}, "
                              f"got {self.score!r}")

@@ -303,9 +303,12 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{m.get('tpr_at_threshold', float('nan')):.3f} | {delay} | {det} | {m['n_pos']} / {m['n_neg']} |")
     dr = ev.get("drift")
     if dr:
-        counts = ", ".join(f"{n} below {k} dB" for k, n in dr["drifted_steps"].items())
+        steps = dr["drifted_steps"]
+        if not isinstance(steps, dict):  # a single threshold, as written before thresholds became a list
+            steps = {f"{dr.get('psnr_threshold')}": steps}
+        counts = ", ".join(f"{n} below {k} dB" for k, n in steps.items())
         lines += ["", f"Imagination drift (case d): of {dr['imagined_steps']} imagined steps, {counts} (PSNR against "
-                  f"the real frame under the same actions; PSNR quantiles {dr['psnr_quantiles']}).", ""]
+                  f"the real frame under the same actions; PSNR quantiles {dr.get('psnr_quantiles')}).", ""]
     return "\n".join(lines) + "\n"
 
 
