@@ -59,20 +59,26 @@ def evaluate_quality(cfg: DictConfig) -> dict:
     codec = IdentityCodec()
     gen = torch.Generator().manual_seed(int(q.seed))
 
-    mse_model, mse_copy, nll_rows = [], [], []
+    temperatures = [float(t) for t in q.temperatures]
+    if not temperatures:
+        raise ValueError("quality.temperatures is empty: give at least one sampling temperature")
+    mse_model = {t: [] for t in temperatures}
+    mse_copy, nll_rows = [], []
     term_pred, term_true, rew_pred, rew_true = [], [], [], []
     gif_done = False
     t0 = time.time()
     for start in tqdm(range(0, len(idx), int(q.batch_size)), desc="quality", unit="batch"):
         items = [clips[j] for j in idx[start : start + int(q.batch_size)]]
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        real, dream = open_loop_rollout(model, batch, int(q.context), sampler, device=device, seed=int(q.seed) + start)
+        for t in temperatures:
+            real, dream = open_loop_rollout(model, batch, int(q.context), {**sampler, "temperature": t},
+                                            device=device, seed=int(q.seed) + start)
+            mse_model[t].append(mse(dream, real))  # [B,H]
+            if not gif_done:
+                side_by_side_gif(real[0], dream[0], Path(cfg.run_dir) / "report" / f"quality_rollout_t{t:g}.gif")
+        gif_done = True
         last_ctx = to_hwc_uint8(batch["frames"][:, int(q.context) - 1])  # [B,H,W,C]
-        mse_model.append(mse(dream, real))  # [B,H]
         mse_copy.append(mse(np.broadcast_to(last_ctx[:, None], real.shape), real))
-        if not gif_done:
-            side_by_side_gif(real[0], dream[0], Path(cfg.run_dir) / "report" / "quality_rollout.gif")
-            gif_done = True
         # teacher-forced likelihood and heads on the same windows
         frames = batch["frames"].to(device)
         x = codec.encode(frames)
@@ -85,7 +91,8 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         rew_true.append(batch["rewards"].numpy().ravel())
     elapsed = time.time() - t0
 
-    em, ec = np.concatenate(mse_model), np.concatenate(mse_copy)  # [N, H]
+    ems = {t: np.concatenate(v) for t, v in mse_model.items()}  # [N, H] per temperature
+    em, ec = ems[temperatures[0]], np.concatenate(mse_copy)
     pm, pc = psnr_from_mse(em.mean(0)), psnr_from_mse(ec.mean(0))
     tp, tt = np.concatenate(term_pred), np.concatenate(term_true)
     rp, rt = np.concatenate(rew_pred), np.concatenate(rew_true)
@@ -101,6 +108,8 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         "psnr_model": pm.round(3).tolist(),
         "psnr_copy_last": pc.round(3).tolist(),
         "beats_copy_last_at_every_step": bool(np.all(pm > pc)),
+        "temperature": temperatures[0],
+        "psnr_model_by_temperature": {f"{t:g}": psnr_from_mse(e.mean(0)).round(3).tolist() for t, e in ems.items()},
         "psnr_model_framewise_mean": np.minimum(psnr_from_mse(em), 100).mean(0).round(3).tolist(),
         "psnr_copy_last_framewise_mean": np.minimum(psnr_from_mse(ec), 100).mean(0).round(3).tolist(),
         "identical_copy_last_frames": int((ec == 0).sum()),
@@ -118,13 +127,16 @@ def evaluate_quality(cfg: DictConfig) -> dict:
 def markdown_table(result: dict) -> str:
     lines = [
         f"Open-loop prediction on {result['windows']} held-out windows ({result['test_episodes']} test episodes), "
-        f"{result['context']} context frames, sampler `{result['sampler']['method']}`.",
+        f"{result['context']} context frames, sampler `{result['sampler']['method']}`; PSNR from the MSE "
+        "pooled over windows at each step.",
         "",
-        "| horizon step | PSNR model (dB) | PSNR copy-last (dB) |",
-        "|---|---|---|",
     ]
-    for h, (m, c) in enumerate(zip(result["psnr_model"], result["psnr_copy_last"]), start=1):
-        lines.append(f"| {h} | {m:.2f} | {c:.2f} |")
+    temps = list(result["psnr_model_by_temperature"])
+    lines.append("| horizon step | " + " | ".join(f"PSNR model, temperature {t} (dB)" for t in temps) + " | PSNR copy-last (dB) |")
+    lines.append("|---" * (len(temps) + 2) + "|")
+    for h, c in enumerate(result["psnr_copy_last"]):
+        row = " | ".join(f"{result['psnr_model_by_temperature'][t][h]:.2f}" for t in temps)
+        lines.append(f"| {h + 1} | {row} | {c:.2f} |")
     lines += [
         "",
         f"Termination F1 {result['termination_f1']:.3f} ({result['termination_positives']} positives); "
