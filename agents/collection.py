@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from sfv_world.agents.evaluation import ObservationSpec
 from sfv_world.envs.wrappers import stack_frames
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-
 from sfv_world.envs.sources import make_pixel_env
 from sfv_world.envs.wrappers import FrameStack, ResizeObservation, stack_frames
 
@@ -30,7 +29,7 @@ class ObservationSpec:
     frame_stack: int = 1
 
     @classmethod
-    def from_runtime(cls, runtime, obs_mode: str, frame_stack: int) -> "ObservationSpec":
+    def from_runtime(cls, runtime, obs_mode: str, frame_stack: int) -> ObservationSpec:
         stored = runtime.dataset_meta.get("sfv_world", {}).get("frame_shape") or [runtime.frame_shape[0]]
         return cls(obs_mode, int(stored[0]), int(runtime.frame_shape[0]), int(frame_stack))
 

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.vec_env import VecMonitor
-
 from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
 from sfv_world.agents.policies import algo_class, algo_kwargs, policy_for
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecMonitor
 
 EVAL_FIELDS = ["timesteps", "imagined_return_mean", "imagined_length_mean", "real_return_mean", "real_return_std",
                "real_length_mean", "wall_s"]
@@ -58,7 +57,7 @@ class AgentSettings:
     ood_truncate: bool = False  # truncate imagined episodes the world model flags as OOD (sfv_world.envs.ood)
 
     @classmethod
-    def from_config(cls, agent_cfg: Any, **extra: Any) -> "AgentSettings":
+    def from_config(cls, agent_cfg: Any, **extra: Any) -> AgentSettings:
         """From an ``agent`` config mapping; unknown keys are ignored."""
         known = {f for f in cls.__dataclass_fields__}
         d = {k: v for k, v in dict(agent_cfg).items() if k in known}
@@ -163,8 +162,8 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     (also written to ``out_dir/result.json``).
     """
     import torch
-
     from sfv_world.envs.sb3 import DreamSB3VecEnv
+
     from sfv_world.world import WorldRuntime
 
     settings.validate()

@@ -17,12 +17,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv
-
-from sfv_world.agents.evaluation import ObservationSpec, evaluate_real, make_real_pixel_env
+from sfv_world.agents.evaluation import (
+    ObservationSpec,
+    evaluate_real,
+    make_real_pixel_env,
+)
 from sfv_world.agents.imagination import AgentSettings, EvalLog, RealEvalCallback
 from sfv_world.agents.policies import algo_class, algo_kwargs, policy_for
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 
 def train_model_free(env_cfg: Any, spec: ObservationSpec, real_steps: int, out_dir: str | Path,

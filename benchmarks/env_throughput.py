@@ -36,9 +36,9 @@ def random_cpu_demo_checkpoint(folder: Path) -> Path:
     """A random-init cpu-demo checkpoint over a synthetic 64x64 Discrete(2) dataset."""
     import yaml
     from gymnasium import spaces
+    from sfv_world.datasets import DatasetReader, EpisodeWriter
 
     from sfv_world.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
-    from sfv_world.datasets import DatasetReader, EpisodeWriter
     from sfv_world.model import StarFlowVConfig, WorldModel
 
     rng = np.random.default_rng(0)

@@ -32,8 +32,8 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
-
 from sfv_world.envs.wrappers import stack_frames, stacked_frame_space
+
 from sfv_world.ood import frame_positions
 
 OBS_MODES = ("pixels", "latent")
@@ -196,6 +196,7 @@ class DreamCore:
         ood_score: str | None = None,
     ):
         from sfv_world.datasets.spaces import deserialize_space
+
         from sfv_world.world import WorldRuntime
 
         if obs_mode not in OBS_MODES:

@@ -12,14 +12,18 @@ Every ``infos[i]`` also carries ``log_likelihood`` (bits/dim), ``jacobi_iteratio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
-
 from sfv_world.envs.dream import DreamCore
+from stable_baselines3.common.vec_env.base_vec_env import (
+    VecEnv,
+    VecEnvIndices,
+    VecEnvStepReturn,
+)
 
 
 class DreamSB3VecEnv(VecEnv):

@@ -68,7 +68,7 @@ class SamplerSettings:
     denoise: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "SamplerSettings":
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplerSettings:
         """Build from a sampler config; missing keys take ``SAMPLER_DEFAULTS``, unknown keys are errors."""
         d = dict(d or {})
         unknown = sorted(set(d) - set(SAMPLER_DEFAULTS))
@@ -207,7 +207,7 @@ class WorldRuntime:
         context_window: int | None = None,
         reencode_keep: int | None = None,
         seed: int | None = None,
-    ) -> "WorldRuntime":
+    ) -> WorldRuntime:
         """Load a checkpoint (``sfv_world.checkpoint``) and build B worlds on ``device``.
 
         ``sampler`` overrides the run config's sampler settings key by key. Raises

@@ -60,8 +60,9 @@ def make_tiny_checkpoint(path: Path, dataset: Path, seed: int = 0, dtype: torch.
     ``termination_bias`` (e.g. -20) pins the termination head's logit low, so that episodes end only
     by truncation (long rollouts, learning tests).
     """
-    from sfv_world.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from sfv_world.datasets import DatasetReader
+
+    from sfv_world.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from sfv_world.model import StarFlowVConfig, WorldModel
 
     torch.manual_seed(seed)

@@ -7,10 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from dream_fixtures import make_tiny_checkpoint
-from sfv_world.agents.evaluation import ObservationSpec, evaluate_real, make_real_pixel_env
-from sfv_world.agents.imagination import AgentSettings, read_eval_csv, train_in_imagination
+from sfv_world.agents.evaluation import (
+    ObservationSpec,
+    evaluate_real,
+    make_real_pixel_env,
+)
+from sfv_world.agents.imagination import (
+    AgentSettings,
+    read_eval_csv,
+    train_in_imagination,
+)
 from sfv_world.agents.policies import SmallCNN, policy_for
 
 CARTPOLE = {"id": "CartPole-v1", "frame_source": "render", "kwargs": {}}
@@ -165,6 +172,7 @@ def test_imagination_policy_collects_real_episodes_in_both_observation_modes(car
     from sfv_world.agents.collection import ImaginationAgentPolicy, merge_datasets
     from sfv_world.datasets import DatasetReader, collect
     from sfv_world.envs.sources import make_source_env
+
     from sfv_world.world import WorldRuntime
 
     seen = []

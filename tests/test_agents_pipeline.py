@@ -59,8 +59,9 @@ def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(t
 
 
 def test_pipeline_restarts_an_interrupted_collection(tmp_path):
-    from sfv_world.apps.pipeline import stage_collect
     from sfv_world.datasets import partial_path_for
+
+    from sfv_world.apps.pipeline import stage_collect
 
     cfg = tiny_pipeline_cfg(tmp_path)
     partial = partial_path_for(cfg.dataset)
@@ -73,9 +74,9 @@ def test_pipeline_restarts_an_interrupted_collection(tmp_path):
 
 def test_outer_loop_collects_with_the_agent_retrains_and_continues(tmp_path):
     from omegaconf import open_dict
+    from sfv_world.datasets import DatasetReader
 
     from sfv_world.apps import pipeline
-    from sfv_world.datasets import DatasetReader
 
     cfg = tiny_pipeline_cfg(tmp_path)
     with open_dict(cfg):

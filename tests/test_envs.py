@@ -5,16 +5,16 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
-from gymnasium.utils.env_checker import check_env as gym_check_env
-from stable_baselines3.common.env_checker import check_env as sb3_check_env
-
 import sfv_world.envs  # noqa: F401  (registers sfv_world/Dream-v0)
+import torch
 from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
-from sfv_world.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gymnasium.utils.env_checker import check_env as gym_check_env
 from sfv_world.envs.dream import DreamEnv, DreamVectorEnv
 from sfv_world.envs.sb3 import DreamSB3VecEnv
 from sfv_world.envs.wrappers import FrameStack, stack_frames
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+from sfv_world.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 ENV_ID = "sfv_world/Dream-v0"
 

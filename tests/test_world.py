@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
+
 from sfv_world.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sfv_world.world import SamplerSettings, WorldRuntime
 
@@ -224,6 +224,7 @@ def test_reset_rows_as_a_permutation_routes_each_context_to_its_row(tiny):
 
 def test_integer_area_downsample_matches_the_datasets_resize():
     from sfv_world.datasets import area_resize
+
     from sfv_world.world import area_downsample
 
     x = np.random.default_rng(0).integers(0, 256, (3, 2, 64, 64, 3), dtype=np.uint8)

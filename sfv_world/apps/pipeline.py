@@ -24,8 +24,10 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -519,10 +521,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         prev, cur = iteration_cfg(cfg, it - 1), iteration_cfg(cfg, it)
         from sfv_world.apps.agent import agent_dirs
 
-        results[f"collect@{it}"] = stages.run(f"collect@{it}", lambda: stage_collect_with_agent(prev, cur, it, max_frames))
-        results[f"train@{it}"] = stages.run(f"train@{it}", lambda: stage_train(cur))
+        results[f"collect@{it}"] = stages.run(f"collect@{it}", partial(stage_collect_with_agent, prev, cur, it, max_frames))
+        results[f"train@{it}"] = stages.run(f"train@{it}", partial(stage_train, cur))
         warm = agent_dirs(prev)["imagination"] / "checkpoint.zip"
-        results[f"agent@{it}"] = stages.run(f"agent@{it}", lambda: stage_agent(cur, warm_start=warm))
+        results[f"agent@{it}"] = stages.run(f"agent@{it}", partial(stage_agent, cur, warm_start=warm))
         final = cur
     results["quality"] = stages.run("quality", lambda: stage_quality(final))
     results["baseline"] = stages.run("baseline", lambda: stage_baseline(final))
