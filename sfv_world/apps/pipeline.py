@@ -13,8 +13,9 @@ Report (``<run_dir>/report/``): ``report.md`` with
 - imagined and real returns of the imagination agent against the model-free baseline and a random
   policy (``returns.png``),
 
-plus ``agent.json`` (``real_return_mean`` of the imagination agent; with the ``cpu-demo`` preset it is
-also written to ``benchmarks/results/agent.json``) and the stage timings.
+plus ``agent.json`` (``real_return_mean`` of the imagination agent; with the ``cpu-demo`` preset, or
+``pipeline.record_benchmark=true``, it is also written to ``benchmarks/results/agent.json``) and the
+stage timings.
 """
 
 from __future__ import annotations
@@ -427,7 +428,7 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         "iterations": history,
     }
     (report / "agent.json").write_text(json.dumps(agent_json, indent=1, default=_json_default))
-    if str(cfg.preset_name) == "cpu-demo":
+    if bool(OmegaConf.select(cfg, "pipeline.record_benchmark", default=str(cfg.preset_name) == "cpu-demo")):
         bench = REPO / "benchmarks" / "results" / "agent.json"
         bench.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(report / "agent.json", bench)
