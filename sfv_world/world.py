@@ -51,6 +51,7 @@ SAMPLER_DEFAULTS: dict[str, Any] = {
     "threshold": 1.0e-3,
     "max_iter": 32,
     "warm_start": True,
+    "criterion": "token",
     "cfg": 0.0,
     "temperature": 1.0,
     "denoise": True,

@@ -247,3 +247,10 @@ def test_the_runtime_imports_no_gymnasium_sb3_or_pygame(tiny):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_sampler_settings_carry_every_jacobi_key():
+    s = SamplerSettings.from_dict({"criterion": "mean", "block_size_first": 1, "method": "jacobi"})
+    assert s.jacobi.criterion == "mean" and s.jacobi.block_size_first == 1
+    with pytest.raises(ValueError, match="criterion"):
+        SamplerSettings.from_dict({"criterion": "median"})
