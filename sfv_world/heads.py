@@ -1,12 +1,18 @@
-"""Reward and termination heads on the deep block's per-frame causal features.
+"""Reward and termination prediction: a small separate pixel model, not a head on the deep block.
 
-Design: a small MLP on *detached* deep features (see `StarFlowV.forward` for exactly what a frame's
-features depend on). Reusing the deep block costs nothing at generation (its hidden states are
-already computed by the inversion) and sees the whole causal past; detaching keeps the head loss out
-of x_tilde.grad, which is the flow-score-matching target.
+Design and why. The first design read the deep block's per-frame causal features (the mean of its
+final hidden states over a frame's slots), detached. Measured on CartPole pixels (cpu-demo, 667 steps):
+even a head refit on those frozen features reached only F1 0.16 on validation terminations -- the
+mean-pooled features do not keep the fine pole angle that decides termination. A small CNN on the
+pixels of frames (t-1, t, t+1) reached F1 0.81 in two minutes of training. So reward and termination
+come from this separate model:
 
-For transition t, (frame t, action a_t) -> frame t+1, the heads read the features of frame t+1:
-they depend on frames <= t, actions <= a_t, and frame t+1 except its last token in raster order.
+    transition t: (x_{t-1}, x_t, x_{t+1}, a_t) -> reward r_t, termination logit d_t
+
+It reads the noise-augmented frames x_tilde, detached (the head loss never changes x_tilde.grad, the
+flow-score-matching target), so training and dreaming see the same input: at generation the new frame
+is x_tilde before the denoiser. It is causal by construction (frames <= t+1, action a_t) and costs one
+small CNN pass per frame. For t = 0 (no x_{t-1}) frame t stands in for it.
 """
 from __future__ import annotations
 
@@ -15,26 +21,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REWARD_MODES = ("regression", "sign")
+HEAD_FRAMES = 3  # x_{t-1}, x_t, x_{t+1}
 
 
 class RewardTerminationHead(nn.Module):
-    """features [..., D] -> (reward [...] or sign logits [..., 3], termination logit [...])."""
+    """Pixel transition model: windows [N, 3, C, H, W] + actions -> (reward [N] or sign logits
+    [N, 3], termination logit [N])."""
 
-    def __init__(self, width: int, reward_mode: str):
+    def __init__(self, channels: int, frame_size: int, action_kind: str, action_dim: int, reward_mode: str,
+                 width: int = 128):
         super().__init__()
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode={reward_mode!r}: expected one of {REWARD_MODES}")
-        self.reward_mode = reward_mode
-        self.trunk = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(approximate="tanh"))
+        self.reward_mode, self.action_kind = reward_mode, action_kind
+        self.encoder = nn.Sequential(  # [N, 3C, S, S] -> [N, 64, S/8, S/8]
+            nn.Conv2d(HEAD_FRAMES * channels, 32, 3, 2, 1), nn.GELU(approximate="tanh"),
+            nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(approximate="tanh"),
+            nn.Conv2d(64, 64, 3, 2, 1), nn.GELU(approximate="tanh"),
+            nn.Flatten(),
+        )
+        side = frame_size
+        for _ in range(3):
+            side = (side + 1) // 2
+        self.project = nn.Linear(64 * side * side, width)
+        self.action = nn.Embedding(action_dim, width) if action_kind == "discrete" else nn.Linear(action_dim, width)
+        self.trunk = nn.Sequential(nn.GELU(approximate="tanh"), nn.Linear(width, width), nn.GELU(approximate="tanh"))
         self.reward = nn.Linear(width, 1 if reward_mode == "regression" else 3)
         self.termination = nn.Linear(width, 1)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(features)
+    def forward(self, windows: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """windows float [N, 3, C, H, W] (x_{t-1}, x_t, x_{t+1}); actions int64 [N] | float [N, k] (a_t)."""
+        h = self.project(self.encoder(windows.flatten(1, 2)))  # [N, width]
+        a = self.action(actions.long()) if self.action_kind == "discrete" else self.action(actions.to(h.dtype))
+        h = self.trunk(h + a)
         r = self.reward(h)
         if self.reward_mode == "regression":
             r = r.squeeze(-1)
         return r, self.termination(h).squeeze(-1)
+
+    def transitions(self, x: torch.Tensor, actions: torch.Tensor,
+                    frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every transition of a clip: x float [B, T, C, H, W], actions [B, T-1(, k)], frame_mask bool
+        [B, T] | None -> (reward [B, T-1] (or [B, T-1, 3]), termination logit [B, T-1])."""
+        B, T = x.shape[:2]
+        if T < 2:
+            shape = (B, 0, 3) if self.reward_mode == "sign" else (B, 0)
+            return x.new_zeros(shape), x.new_zeros(B, 0)
+        cur, nxt = x[:, :-1], x[:, 1:]
+        prev = torch.cat([x[:, :1], x[:, :-2]], 1)  # x_{t-1}; frame 0 stands in for x_{-1}
+        if frame_mask is not None:  # a padding frame before the first real one: use the real frame
+            prev_real = torch.cat([frame_mask[:, :1], frame_mask[:, :-2]], 1)
+            prev = torch.where(prev_real[:, :, None, None, None], prev, cur)
+        windows = torch.stack([prev, cur, nxt], 2)  # [B, T-1, 3, C, H, W]
+        r, d = self(windows.flatten(0, 1), actions.flatten(0, 1))
+        return r.reshape(B, T - 1, *r.shape[1:]), d.reshape(B, T - 1)
 
     def reward_value(self, reward: torch.Tensor) -> torch.Tensor:
         """Model output -> a reward value: the regression value, or the argmax sign in {-1, 0, +1}."""

@@ -245,7 +245,7 @@ class StarFlowV(nn.Module):
         ])
         self.deep = FlowBlock(d, c.deep_width, c.deep_layers, c.head_dim, c.soft_clip, "identity", F)
         self.action_embed = ActionEmbedding(c.action_kind, c.action_dim, c.deep_width)
-        self.heads = RewardTerminationHead(c.deep_width, c.reward_mode)
+        self.heads = RewardTerminationHead(c.channels, c.frame_size, c.action_kind, c.action_dim, c.reward_mode)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -327,7 +327,7 @@ class StarFlowV(nn.Module):
         if frame_mask is not None:
             nll = torch.where(frame_mask, nll, torch.zeros_like(nll))  # padding: exactly 0 (even if not finite)
         features = h.reshape(B, T, F, -1).mean(2)  # [B, T, D]
-        reward, term = self.heads(features[:, 1:].detach())
+        reward, term = self.heads.transitions(x_tilde.detach(), actions, frame_mask)
         return FlowOutput(z, logdet, nll, features, reward, term), u
 
     def forward(self, x_tilde: torch.Tensor, actions: torch.Tensor, drop_actions: torch.Tensor | None = None,
@@ -341,8 +341,9 @@ class StarFlowV(nn.Module):
 
         features[:, t] = mean over frame t's F slots of D's final hidden states. Slot j's input is
         token j-1, so features_t depends on frames < t, on frame t except its last token in raster
-        order, and on actions a_<t (via c_t) -- nothing later. reward/termination_logit[:, t] (the
-        transition frame t --a_t--> frame t+1) read features[:, t+1], detached.
+        order, and on actions a_<t (via c_t) -- nothing later (the latent observation of the dream).
+        reward/termination_logit[:, t] (the transition frame t --a_t--> frame t+1) come from the
+        pixel transition model `heads` on x_tilde frames t-1, t, t+1 and a_t, detached.
         """
         return self._forward(x_tilde, actions, drop_actions, frame_mask)[0]
 
@@ -503,10 +504,10 @@ class StarFlowV(nn.Module):
         x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi)
         nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * d + torch.log(inv.a).sum((1, 2)) - logdet_s
         features = inv.h.mean(1)  # [B, D]
-        reward, term = self.heads(features)
         x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
 
         t = state.num_frames
+        reward, term = self.transition_heads(state, x_tilde, action)
         if t > 0 and action is not None:
             state.history_a[:, t - 1] = action.to(state.history_a.dtype)
         state.history_x[:, t] = x_tilde
@@ -515,6 +516,26 @@ class StarFlowV(nn.Module):
         state.last_valid = torch.ones_like(has_prev)
         state.num_frames = t + 1
         return FrameSample(x_tilde, nll, features, reward, term, inv.iterations, inv.passes, shallow_passes)
+
+    def transition_heads(self, state: GenerationState, x_new: torch.Tensor,
+                         action: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward/termination of the transition into the frame being appended (before appending).
+
+        x_new [B, C, H, W]; the window is (x_{t-1}, x_t, x_new) from the state's history, with the
+        same stand-ins as `RewardTerminationHead.transitions` where a frame is missing. Rows that
+        start a sequence (no previous frame or no action) get values that mean nothing.
+        """
+        t = state.num_frames
+        B = x_new.shape[0]
+        rows = torch.arange(B, device=x_new.device)
+        i_cur, i_prev = max(t - 1, 0), max(t - 2, 0)
+        cur_ok = state.history_mask[rows, i_cur] if t > 0 else torch.zeros(B, dtype=torch.bool, device=x_new.device)
+        prev_ok = state.history_mask[rows, i_prev] & cur_ok if t > 1 else torch.zeros_like(cur_ok)
+        cur = torch.where(cur_ok[:, None, None, None], state.history_x[:, i_cur], x_new)
+        prev = torch.where(prev_ok[:, None, None, None], state.history_x[:, i_prev], cur)
+        if action is None:
+            action = state.history_a[:, 0]  # any valid action: the values are meaningless here
+        return self.heads(torch.stack([prev, cur, x_new], 1), action)
 
     @torch.no_grad()
     def invert(self, z: torch.Tensor, actions: torch.Tensor, method: str = "sequential",
