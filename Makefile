@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-# pytest exit code 5 means "no tests ran": that is a failure here.
+# pytest exit code 5 means "no tests ran": that is a failure here. Tests use tiny models, which run
+# faster on one intra-op thread, and some spawn training/collector subprocesses beside pytest: one
+# thread each keeps 2 cores from being oversubscribed.
 test: setup
-	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: setup

@@ -259,9 +259,13 @@ def _check_recovered(path: Path, min_episodes: int) -> None:
 def test_killed_collector_leaves_finished_episodes_readable(tmp_path: Path, sig) -> None:
     path = tmp_path / "ds"
     proc = _start_collector(path)
-    _wait_for_episodes(proc, path, 3)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _wait_for_episodes(proc, path, 3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a collector running when the test fails
+        proc.wait()
     assert proc.returncode != 0
     if sig == signal.SIGINT:
         assert "KeyboardInterrupt" in err
@@ -396,9 +400,32 @@ def test_cli_collect_ctrl_c_says_where_the_data_is(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(exe), "collect", "env=cartpole", "collect.episodes=100000", "collect.frame_size=8",
                              "collect.progress=false", f"dataset={path}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_episodes(proc, path, 2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _wait_for_episodes(proc, path, 2, timeout=180)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a collector running when the test fails
+        proc.wait()
     assert proc.returncode == 130
     assert f"readable in {partial_path_for(path)}" in err and "was not created" in err
     assert not path.exists() and DatasetReader(partial_path_for(path)).num_episodes >= 2
+
+
+def test_cli_collect_sigterm_is_an_interrupt(tmp_path: Path) -> None:
+    """`kill` (SIGTERM) stops a rendering collector like Ctrl-C, though SDL would otherwise swallow it."""
+    exe = Path(sys.executable).parent / "sfv-world"
+    path = tmp_path / "cp"
+    proc = subprocess.Popen([str(exe), "collect", "env=cartpole", "collect.episodes=100000", "collect.frame_size=8",
+                             "collect.progress=false", f"dataset={path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_episodes(proc, path, 2, timeout=180)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert f"readable in {partial_path_for(path)}" in err
+    assert DatasetReader(partial_path_for(path)).num_episodes >= 2

@@ -35,7 +35,30 @@ def make_policy(ccfg: Any, action_space: gym.spaces.Space, seed: int) -> Policy:
     raise SystemExit(f"sfv-world collect: collect.policy must be one of {', '.join(POLICIES)}, got {name!r}")
 
 
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(cfg: DictConfig) -> int:
+    """Collect a dataset. SIGTERM is handled like Ctrl-C: finished episodes stay readable.
+
+    The handler is installed before the env exists on purpose: SDL (pygame, used by rendering
+    envs such as CartPole) takes over SIGTERM when it is still at its default disposition, and then
+    turns it into a quit event nobody reads, so ``kill`` would not stop the collector.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _run(cfg)
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        return _run(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(cfg: DictConfig) -> int:
     from sfv_world.apps.inspect import format_summary, summarise
     from sfv_world.datasets import DatasetReader
     from sfv_world.envs.sources import make_source_env
