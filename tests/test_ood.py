@@ -324,3 +324,24 @@ def test_agent_config_switch():
 
     assert AgentSettings.from_config({"ood_truncate": True}).ood_truncate is True
     assert AgentSettings.from_config({}).ood_truncate is False
+
+
+def test_ood_command_writes_reports_and_merges_a_case_subset(calibrated, tmp_path):
+    import json
+
+    from sfv_world.apps.cli import compose
+    from sfv_world.apps.ood import run
+
+    out = tmp_path / "res" / "ood.json"
+    common = [f"checkpoint={calibrated['ckpt']}", "device=cpu", f"run_dir={tmp_path / 'run'}", f"ood.output={out}",
+              "ood.segment_len=6", "ood.min_context=2", "ood.noise_draws=1", "ood.max_segments=6", "ood.batch_size=8",
+              "ood.calibrate=false", "ood.label=tiny", "ood.drift_psnr=[60]"]
+    res = run(compose(common))
+    assert res["label"] == "tiny" and "b_hflip" in res["evaluation"]["cases"]
+    saved = json.loads(out.read_text())["runs"]["tiny"]
+    assert "roc" not in saved["evaluation"] and "b_freeze" in saved["evaluation"]["cases"]
+    assert (tmp_path / "run" / "report" / "ood.md").exists() and out.with_suffix(".md").exists()
+    run(compose(common + ["ood.cases=[d]", "ood.drift_psnr=[50]"]))
+    merged = json.loads(out.read_text())["runs"]["tiny"]["evaluation"]
+    assert "b_freeze" in merged["cases"] and "d_imagination_drift" in merged["cases"]  # b kept, d re-run
+    assert merged["drift"]["psnr_thresholds"] == [50.0] and saved["evaluation"]["drift"]["psnr_thresholds"] == [60.0]

@@ -393,7 +393,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 (runs[key].get("checkpoint"), runs[key].get("train_step")) == (str(ckpt), res["train_step"]):
             # a subset of cases was re-run on the same checkpoint: keep the other cases' results
             for k in ("cases", "roc"):
-                prev[k] = {**{c: v for c, v in prev[k].items()
+                prev[k] = {**{c: v for c, v in prev.get(k, {}).items()
                               if not (c.startswith("d_") and any(n.startswith("d_") for n in ev[k]))}, **ev[k]}
             for k, v in ev.items():
                 if k not in ("cases", "roc"):
@@ -409,7 +409,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (report / "ood.md").write_text(text)
     (report / "ood.json").write_text(json.dumps(res, indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs[key] = res
+    # the benchmark file keeps the numbers; ROC curve points stay in the run report (report/ood.json + png)
+    runs[key] = {**res, "evaluation": {k: v for k, v in (res.get("evaluation") or {}).items() if k != "roc"}}
     out.write_text(json.dumps({"runs": runs}, indent=1))
     if png:
         import shutil
