@@ -34,8 +34,8 @@ def window_uses_actions(actions: np.ndarray, starts: np.ndarray, clip_len: int, 
 def exclude_action_windows(dataset, exclude: Sequence[int]) -> int:
     """Remove, in place, the windows of ``dataset`` (a ClipDataset) that use an action in ``exclude``.
 
-    Returns the number of windows removed. Raises ValueError when ``exclude`` names actions outside the
-    dataset's Discrete action space, or when no window survives.
+    Returns the number of windows removed. Raises TypeError for a non-Discrete action space, ValueError when
+    ``exclude`` names actions outside it or when no window survives.
     """
     from gymnasium import spaces
 
@@ -44,7 +44,7 @@ def exclude_action_windows(dataset, exclude: Sequence[int]) -> int:
         return 0
     space = dataset.reader.action_space
     if not isinstance(space, spaces.Discrete):
-        raise ValueError(f"exclude_actions needs a Discrete action space, {dataset.reader.path} has {space}")
+        raise TypeError(f"exclude_actions needs a Discrete action space, {dataset.reader.path} has {space}")
     outside = [a for a in exclude if not space.start <= a < space.start + space.n]
     if outside:
         raise ValueError(f"exclude_actions {outside} are not actions of {space} ({dataset.reader.path})")

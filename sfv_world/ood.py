@@ -38,9 +38,10 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +159,7 @@ def fpr_at_tpr(neg: Sequence[float], pos: Sequence[float], tpr: float = 0.95) ->
     neg, pos = _check_scores(neg, pos)
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-    need = int(math.ceil(tpr * len(pos) - 1e-9))
+    need = math.ceil(tpr * len(pos) - 1e-9)
     thr = np.sort(pos)[::-1][need - 1]
     return float(np.mean(neg >= thr))
 
@@ -198,7 +199,7 @@ class FrameScores:
     code_diff: np.ndarray
     positions: np.ndarray
 
-    def take(self, rows) -> "FrameScores":
+    def take(self, rows) -> FrameScores:
         return FrameScores(self.nll[rows], self.nll_null[rows], self.code[rows], self.code_diff[rows], self.positions)
 
 
@@ -388,7 +389,7 @@ class Segments:
     def __len__(self) -> int:
         return int(self.frames.shape[0])
 
-    def take(self, rows) -> "Segments":
+    def take(self, rows) -> Segments:
         return Segments(self.frames[rows], self.actions[rows], self.episodes[rows], self.starts[rows])
 
 
@@ -531,7 +532,7 @@ class CalibrationSettings:
     env_score: str = "nll"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "CalibrationSettings":
+    def from_dict(cls, d: dict[str, Any] | None) -> CalibrationSettings:
         d = dict(d or {})
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         s = cls(**known)
@@ -746,7 +747,7 @@ class OODMonitor:
 
     @classmethod
     def from_runtime(cls, runtime, num_envs: int, score: str | None = None, env_id: str | None = None
-                     ) -> "OODMonitor":
+                     ) -> OODMonitor:
         """Use the calibration loaded with the runtime's checkpoint (``runtime.calibration``)."""
         cal = getattr(runtime, "calibration", None)
         if env_id is None and cal:
@@ -831,8 +832,8 @@ def perturb_occlude(frames: np.ndarray, onset: int, frac: float, rng: np.random.
                     value: tuple[int, int, int] = (128, 128, 128)) -> np.ndarray:
     """Paint a grey square of side round(frac * H) at one random place per sequence (fixed over time)."""
     f = _check_seq(frames, onset)
-    N, T, H, W, C = f.shape
-    side = int(round(float(frac) * H))
+    N, _, H, W, C = f.shape
+    side = round(float(frac) * H)
     if not 1 <= side <= min(H, W):
         raise ValueError(f"patch fraction {frac} gives a {side}-pixel patch on {H}x{W} frames")
     out = f.copy()

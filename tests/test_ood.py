@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
+
 from sfv_world import ood as O
 from sfv_world.checkpoint import load_checkpoint, save_checkpoint
 
@@ -86,7 +86,7 @@ def test_code_lengths():
     flat = np.full((1, 2, 16, 16, 3), 77, np.uint8)
     noisy = rng.integers(0, 256, (1, 2, 16, 16, 3), dtype=np.uint8)
     own, diff = O.code_lengths(np.concatenate([flat, noisy]))
-    assert own[0, 0] < 1.0 < 7.0 < own[1, 0]
+    assert own[0, 0] < 1.0 and own[1, 0] > 7.0
     assert diff[0, 1] < 1.0 and diff[0, 0] == own[0, 0]
     with pytest.raises(ValueError, match="uint8"):
         O.zlib_bits_per_dim(np.zeros((4, 4, 3), np.float32))
@@ -214,28 +214,27 @@ def test_dream_env_reports_ood_every_step(calibrated):
     from sfv_world.envs.ood import OODTruncation
 
     env = DreamEnv(checkpoint=calibrated["ckpt"], context_frames=2, horizon=20, ood_score="typicality")
-    obs, info = env.reset(seed=0)
+    _, info = env.reset(seed=0)
     assert np.isfinite(info["ood_score"]) and isinstance(bool(info["ood"]), bool)
     for a in (0, 1, 0):
-        obs, r, term, trunc, info = env.step(a)
+        _, _, term, trunc, info = env.step(a)
         assert np.isfinite(info["ood_score"]) and isinstance(info["ood"], bool)
     env.core.ood.threshold = -np.inf  # every imagined step flags
     w = OODTruncation(env)
     w.reset(seed=1)
-    obs, r, term, trunc, info = w.step(1)
+    _, _, term, trunc, info = w.step(1)
     assert trunc and not term and info["ood"] and info["ood_truncated"] and w.truncations == 1
     env.core.ood.threshold = np.inf
     w.reset(seed=2)
-    obs, r, term, trunc, info = w.step(1)
+    _, _, term, trunc, info = w.step(1)
     assert not trunc and not info["ood_truncated"]
 
 
 def test_sb3_truncation_wrapper_truncates_and_sb3_bootstraps(calibrated):
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor
-
     from sfv_world.envs.ood import OODTruncationVecEnv
     from sfv_world.envs.sb3 import DreamSB3VecEnv
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor
 
     venv = DreamSB3VecEnv(calibrated["ckpt"], num_envs=2, obs_mode="latent", horizon=50, context_frames=2)
     venv.seed(0)
@@ -243,11 +242,11 @@ def test_sb3_truncation_wrapper_truncates_and_sb3_bootstraps(calibrated):
     wrapped.reset()
     venv.core.ood.threshold = -np.inf
     wrapped.step_async(np.array([0, 1]))
-    obs, rew, dones, infos = wrapped.step_wait()  # step 1 < min_steps: not cut
+    _, _, dones, infos = wrapped.step_wait()  # step 1 < min_steps: not cut
     assert not dones.any() and not any(i["ood_truncated"] for i in infos) and all(i["ood"] for i in infos)
     before = venv.core.observations()
     wrapped.step_async(np.array([1, 0]))
-    obs, rew, dones, infos = wrapped.step_wait()
+    obs, _, dones, infos = wrapped.step_wait()
     assert dones.all() and wrapped.truncations == 2
     for i in range(2):
         assert infos[i]["TimeLimit.truncated"] is True and infos[i]["ood_truncated"]
@@ -307,8 +306,9 @@ def test_evaluate_ood_runs_every_case(calibrated, tmp_path):
 
 
 def test_held_out_action_picks(calibrated):
-    from sfv_world.apps.ood import held_out_action_picks
     from sfv_world.datasets import DatasetReader
+
+    from sfv_world.apps.ood import held_out_action_picks
 
     picks = held_out_action_picks(calibrated["dataset"], [0, 1, 2], length=5, onset=3, exclude=[1])
     assert picks

@@ -135,7 +135,7 @@ def evaluate_ood(model, payload: dict[str, Any], entry: dict[str, Any], ocfg: di
     excl = list(entry.get("exclude_actions") or [])
     fsize = model.config.frame_size
     seed = int(settings.seed) + 1  # other noise draws / picks than calibration
-    kw = dict(noise_draws=settings.noise_draws, seed=seed, batch_size=settings.batch_size)
+    kw = {"noise_draws": settings.noise_draws, "seed": seed, "batch_size": settings.batch_size}
     stride = settings.stride or max(L // 2, 1)
     real_band, im_band = entry["bands"]["real"], entry["bands"]["imagined"]
     thr_real, thr_im = entry["scores"]["real"], entry["scores"]["imagined"]
@@ -166,7 +166,7 @@ def evaluate_ood(model, payload: dict[str, Any], entry: dict[str, Any], ocfg: di
         result["cases"][key] = _case_metrics(sc, sc_id, pos_mask, neg_mask, thr_real, onsets, score_mask)
         result["roc"][key] = _roc(sc, sc_id, pos_mask, neg_mask)
 
-    cases = set(str(x) for x in (ocfg.get("cases") or ("a", "b", "c", "d")))
+    cases = {str(x) for x in (ocfg.get("cases") or ("a", "b", "c", "d"))}
     unknown = cases - {"a", "b", "c", "d"}
     if unknown:
         raise ValueError(f"ood.cases: unknown cases {sorted(unknown)} (a, b, c, d)")
@@ -267,23 +267,23 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"### OOD flags: {res.get('label') or res['env_id']} ({res['env_id']}, checkpoint step {res['train_step']})",
         "",
-        f"Calibration on {cal['segments']} val pieces of {cal['segment_len']} frames "
-        f"(fpr {cal['settings']['fpr']}, {cal['settings']['noise_draws']} noise draws, window {cal['settings']['window']}, "
-        f"min context {cal['settings']['min_context']}); excluded actions in training: {cal['exclude_actions'] or 'none'}.",
+        (f"Calibration on {cal['segments']} val pieces of {cal['segment_len']} frames "
+         f"(fpr {cal['settings']['fpr']}, {cal['settings']['noise_draws']} noise draws, window {cal['settings']['window']}, "
+         f"min context {cal['settings']['min_context']}); excluded actions in training: {cal['exclude_actions'] or 'none'}."),
         "",
     ]
     if not ev:
         return "\n".join(lines) + "\n"
     p = ev["pieces"]
     lines += [f"Test split: {p['test_in_distribution']} in-distribution pieces, anomaly onset at step {p['onset']}.", "",
-              "In-distribution false-flag rate on the test split (calibrated rate "
-              f"{cal['settings']['fpr']}; acceptance <= {2 * cal['settings']['fpr']}):", "",
+              ("In-distribution false-flag rate on the test split (calibrated rate "
+               f"{cal['settings']['fpr']}; acceptance <= {2 * cal['settings']['fpr']}):"), "",
               "| score | false-flag rate | within 2x |", "|---|---|---|"]
     for k, v in ev["id_false_flag_rate"].items():
         lines.append(f"| {k} | {v:.4f} | {'yes' if ev['id_false_flag_ok'][k] else 'NO'} |")
-    lines += ["", "AUROC/AUPR/FPR@95TPR over every anomalous step; AUROC 1st: the first anomalous step of each piece only; "
-              "TPR@thr: flag rate at the calibrated threshold; delay: mean steps from onset to the first flag over "
-              "detected pieces; detected: fraction of pieces flagged at or after onset.", "",
+    lines += ["", ("AUROC/AUPR/FPR@95TPR over every anomalous step; AUROC 1st: the first anomalous step of each piece "
+                   "only; TPR@thr: flag rate at the calibrated threshold; delay: mean steps from onset to the first "
+                   "flag over detected pieces; detected: fraction of pieces flagged at or after onset."), "",
               "| case | score | AUROC | AUROC 1st | AUPR | FPR@95TPR | TPR@thr | delay (steps) | detected | n_pos / n_neg |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for case, ms in ev["cases"].items():
@@ -307,8 +307,8 @@ def markdown(res: dict[str, Any]) -> str:
         if not isinstance(steps, dict):  # a single threshold, as written before thresholds became a list
             steps = {f"{dr.get('psnr_threshold')}": steps}
         counts = ", ".join(f"{n} below {k} dB" for k, n in steps.items())
-        lines += ["", f"Imagination drift (case d): of {dr['imagined_steps']} imagined steps, {counts} (PSNR against "
-                  f"the real frame under the same actions; PSNR quantiles {dr.get('psnr_quantiles')}).", ""]
+        lines += ["", (f"Imagination drift (case d): of {dr['imagined_steps']} imagined steps, {counts} (PSNR against "
+                       f"the real frame under the same actions; PSNR quantiles {dr.get('psnr_quantiles')})."), ""]
     return "\n".join(lines) + "\n"
 
 
