@@ -221,10 +221,19 @@ COLLECTOR = textwrap.dedent("""
 """)
 
 
+def _default_sigint() -> None:
+    """Child pre-exec: SIGINT back to its default, so Python installs its Ctrl-C handler.
+
+    A shell without job control starts background commands with SIGINT ignored (`make test &`), and
+    an ignored signal is inherited: the collector would then never see the test's Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_collector(path: Path) -> subprocess.Popen:
     code = COLLECTOR.format(tests=str(TESTS), path=str(path))
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
 
 
 def _wait_for_episodes(proc: subprocess.Popen, path: Path, n: int, timeout: float = 60.0) -> None:
@@ -399,7 +408,7 @@ def test_cli_collect_ctrl_c_says_where_the_data_is(tmp_path: Path) -> None:
     path = tmp_path / "cp"
     proc = subprocess.Popen([str(exe), "collect", "env=cartpole", "collect.episodes=100000", "collect.frame_size=8",
                              "collect.progress=false", f"dataset={path}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         _wait_for_episodes(proc, path, 2, timeout=180)
         proc.send_signal(signal.SIGINT)
@@ -418,7 +427,7 @@ def test_cli_collect_sigterm_is_an_interrupt(tmp_path: Path) -> None:
     path = tmp_path / "cp"
     proc = subprocess.Popen([str(exe), "collect", "env=cartpole", "collect.episodes=100000", "collect.frame_size=8",
                              "collect.progress=false", f"dataset={path}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         _wait_for_episodes(proc, path, 2, timeout=180)
         proc.send_signal(signal.SIGTERM)
