@@ -130,6 +130,29 @@ def batches_forever(loader: DataLoader, sampler: ResumableSampler, batch_size: i
         sampler.epoch, sampler.position = sampler.epoch + 1, 0
 
 
+def terminal_window_indices(clips: ClipDataset) -> list[int]:
+    """Indices of the windows whose last frame is the last frame of its episode.
+
+    Only these windows hold an episode's final transition (a termination or truncation); in T-frame
+    windows that is ~1 in (episode length - T + 2) windows, so terminal transitions are rare in training.
+    """
+    lengths = clips.reader.episode_lengths  # transitions per episode
+    T = clips.clip_len
+    return [i for i, (eid, start) in enumerate(clips.index.tolist()) if start + T - 1 == lengths[int(eid)]]
+
+
+def with_terminal_windows(clips: ClipDataset, copies: int) -> torch.utils.data.Dataset:
+    """``clips`` plus ``copies`` extra copies of its episode-ending windows (``train.terminal_oversample``)."""
+    if copies <= 0:
+        return clips
+    if copies > 1000:
+        raise ValueError(f"train.terminal_oversample={copies}: expected a small number of extra copies (0..1000)")
+    terminal = terminal_window_indices(clips)
+    if not terminal:
+        return clips
+    return torch.utils.data.ConcatDataset([clips] + [torch.utils.data.Subset(clips, terminal)] * copies)
+
+
 # ----------------------------------------------------------------------------------------------
 # RNG state
 
@@ -246,7 +269,8 @@ class Trainer:
                 f"dataset {cfg.dataset}: only {len(self.train_set)} training windows of {self.tcfg.clip_len} frames, "
                 f"fewer than one batch ({self.tcfg.batch_size} x {self.world_size} ranks); collect more episodes"
             )
-        self.sampler = ResumableSampler(self.train_set, seed=int(cfg.seed), rank=self.rank, world_size=self.world_size)
+        self.train_data = with_terminal_windows(self.train_set, int(self.tcfg.get("terminal_oversample", 0)))
+        self.sampler = ResumableSampler(self.train_data, seed=int(cfg.seed), rank=self.rank, world_size=self.world_size)
 
         # model and optimisers
         self.codec = IdentityCodec()
@@ -442,7 +466,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
         loader = DataLoader(
-            self.train_set, batch_size=int(tcfg.batch_size), sampler=self.sampler, drop_last=True,
+            self.train_data, batch_size=int(tcfg.batch_size), sampler=self.sampler, drop_last=True,
             num_workers=int(tcfg.num_workers), persistent_workers=False,
             # its own generator: creating an iterator must not draw from the global RNG (exact resume)
             generator=torch.Generator().manual_seed(int(self.cfg.seed)),

@@ -154,3 +154,22 @@ def test_ddp_two_cpu_processes(cartpole16, tmp_path):
     assert d1 < d0 - 0.05 and s1 < s0 - 0.05
     assert abs(d0 - s0) < 0.05, "both runs start from the same initialisation"
     assert abs(d1 - s1) < 0.5 * (s0 - s1), f"DDP final loss {d1:.4f} far from single-process {s1:.4f}"
+
+
+def test_terminal_oversampling_adds_copies_of_episode_ending_windows(cartpole16):
+    from sfv_world.datasets import ClipDataset, DatasetReader
+    from sfv_world.train import terminal_window_indices, with_terminal_windows
+
+    reader = DatasetReader(cartpole16)
+    clips = ClipDataset(reader, reader.episode_ids, clip_len=4)
+    terminal = terminal_window_indices(clips)
+    # one episode-ending window per episode long enough for a window; CartPole's random episodes all terminate
+    assert len(terminal) == sum(1 for e in reader.episode_ids if reader.episode_lengths[e] + 1 >= 4)
+    assert all(bool(clips[i]["terminations"][-1]) for i in terminal)
+    assert not any(bool(clips[i]["terminations"][:-1].any()) for i in terminal)
+    assert with_terminal_windows(clips, 0) is clips
+    boosted = with_terminal_windows(clips, 3)
+    assert len(boosted) == len(clips) + 3 * len(terminal)
+    assert bool(boosted[len(clips)]["terminations"][-1])
+    with pytest.raises(ValueError, match="terminal_oversample"):
+        with_terminal_windows(clips, 10**6)
