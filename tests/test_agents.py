@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from dream_fixtures import make_tiny_checkpoint
 from sfv_world.agents.evaluation import (
     ObservationSpec,
@@ -21,14 +20,6 @@ from sfv_world.agents.imagination import (
 from sfv_world.agents.policies import SmallCNN, policy_for
 
 CARTPOLE = {"id": "CartPole-v1", "frame_source": "render", "kwargs": {}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 
 from sfv_world.apps.cli import compose
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_pipeline_cfg(run_dir):

@@ -6,7 +6,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import sfv_world.envs  # noqa: F401  (registers sfv_world/Dream-v0)
-import torch
 from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from sfv_world.envs.dream import DreamEnv, DreamVectorEnv
@@ -17,14 +16,6 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from sfv_world.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 ENV_ID = "sfv_world/Dream-v0"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 from sfv_world.flow import FlowBlock, Permutation, guidance
 from sfv_world.rope import rope_cos_sin, token_positions
 from sfv_world.sampling import invert_sequential, invert_uncached
-from test_model_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 F, T, d, D = 16, 2, 12, 64  # 4x4 tokens per frame, 2 frames
 

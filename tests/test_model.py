@@ -12,7 +12,7 @@ from sfv_world.denoiser import score_target
 from sfv_world.model import HALF_LOG_2PI, StarFlowV, StarFlowVConfig, WorldModel, nll_to_bits_per_dim
 from sfv_world.sampling import JacobiConfig
 from sfv_world.tokens import patchify, unpatchify
-from test_model_helpers import one_thread, CONFIGS, random_clip, random_model, tiny_config  # noqa: F401 (one_thread: autouse fixture)
+from test_model_helpers import CONFIGS, random_clip, random_model, tiny_config
 
 
 # -- config ----------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sfv_world.denoiser import FlowScoreDenoiser, flow_score_matching_loss
-from test_model_helpers import one_thread, random_clip, random_model, tiny_config  # noqa: F401 (one_thread: autouse fixture)
+from test_model_helpers import random_clip, random_model, tiny_config
 
 
 @pytest.mark.parametrize("lookahead", [0, 1])

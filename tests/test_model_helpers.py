@@ -1,7 +1,6 @@
 """Shared helpers for the model-core tests (tiny configs, random non-zero heads). No tests here."""
 from __future__ import annotations
 
-import pytest
 import torch
 import yaml
 from pathlib import Path
@@ -9,19 +8,6 @@ from pathlib import Path
 from sfv_world.model import StarFlowVConfig, WorldModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each model-core test on one intra-op thread (imported by the test modules).
-
-    The tiny tensors here gain nothing from two threads, and on a shared 2-core machine every
-    parallel region waits for a descheduled thread (milliseconds per op). Restored afterwards.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_config(**overrides) -> StarFlowVConfig:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from dream_fixtures import make_tiny_checkpoint, make_tiny_dataset
 
 from sfv_world import ood as O
@@ -14,14 +13,6 @@ from sfv_world.checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = {"segment_len": 6, "min_context": 2, "noise_draws": 1, "max_segments": 8, "window": 2, "batch_size": 8,
          "env_score": "nll", "fpr": 0.1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

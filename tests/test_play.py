@@ -12,18 +12,9 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import numpy as np
 import pygame
 import pytest
-import torch
 from dream_fixtures import REPO, make_tiny_checkpoint, make_tiny_dataset
 from gymnasium import spaces
 from policy_fixtures import save_tiny_policy
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sfv_world.sampling import JacobiConfig
-from test_model_helpers import one_thread, random_clip, random_model  # noqa: F401 (one_thread: autouse fixture)
+from test_model_helpers import random_clip, random_model
 
 F, d = 16, 48
 

@@ -11,15 +11,6 @@ from sfv_world.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from sfv_world.world import SamplerSettings, WorldRuntime
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by per-op overhead; a second thread only contends on a 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
