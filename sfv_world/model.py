@@ -135,8 +135,8 @@ class FlowOutput:
     logdet [B, T]             sum of log|det| of all blocks, per frame (nats)
     nll [B, T]                -log p(x_tilde_t | x_tilde_<t, a_<t) (nats; 0 on padding frames)
     features [B, T, D]        per-frame causal deep features (see StarFlowV.forward)
-    reward [B, T-1]           transition t: regression value, or sign logits [B, T-1, 3]
-    termination_logit [B, T-1]
+    reward [B, T-1]           transition t: regression value, or sign logits [B, T-1, 3] (None: heads=False)
+    termination_logit [B, T-1]  calibrated: > 0 means terminated (None: heads=False)
     """
 
     z: torch.Tensor
@@ -293,7 +293,7 @@ class StarFlowV(nn.Module):
         sos_mask[:, ::F] = start_flags(frame_mask)  # the first slot of a sequence-starting frame
         return add, key_valid, sos_mask
 
-    def _forward(self, x_tilde, actions, drop_actions=None, frame_mask=None, cache=None, cfg=False):
+    def _forward(self, x_tilde, actions, drop_actions=None, frame_mask=None, cache=None, cfg=False, heads=True):
         """Shared by forward and encode_context. Returns (FlowOutput of the conditional rows, u)."""
         c = self.config
         B, T = x_tilde.shape[:2]
@@ -327,11 +327,11 @@ class StarFlowV(nn.Module):
         if frame_mask is not None:
             nll = torch.where(frame_mask, nll, torch.zeros_like(nll))  # padding: exactly 0 (even if not finite)
         features = h.reshape(B, T, F, -1).mean(2)  # [B, T, D]
-        reward, term = self.heads.transitions(x_tilde.detach(), actions, frame_mask)
+        reward, term = self.heads.transitions(x_tilde.detach(), actions, frame_mask) if heads else (None, None)
         return FlowOutput(z, logdet, nll, features, reward, term), u
 
     def forward(self, x_tilde: torch.Tensor, actions: torch.Tensor, drop_actions: torch.Tensor | None = None,
-                frame_mask: torch.Tensor | None = None) -> FlowOutput:
+                frame_mask: torch.Tensor | None = None, heads: bool = True) -> FlowOutput:
         """Data -> noise with exact per-frame likelihood, plus the reward/termination heads.
 
         x_tilde float [B, T, C, H, W] (~[-1, 1], noise-augmented); actions int64 [B, T-1] or float
@@ -343,9 +343,10 @@ class StarFlowV(nn.Module):
         token j-1, so features_t depends on frames < t, on frame t except its last token in raster
         order, and on actions a_<t (via c_t) -- nothing later (the latent observation of the dream).
         reward/termination_logit[:, t] (the transition frame t --a_t--> frame t+1) come from the
-        pixel transition model `heads` on x_tilde frames t-1, t, t+1 and a_t, detached.
+        pixel transition model `heads` on x_tilde frames t-1, t, t+1 and a_t, detached (calibrated
+        logits); heads=False leaves both None (the trainer fits the heads on its own transition batches).
         """
-        return self._forward(x_tilde, actions, drop_actions, frame_mask)[0]
+        return self._forward(x_tilde, actions, drop_actions, frame_mask, heads=heads)[0]
 
     def flow_loss(self, out: FlowOutput, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean NLL in nats per dimension minus (1/2) ln 2 pi (STARFLOW_V.md §3), over real frames.

@@ -4,7 +4,8 @@ One optimisation step (STARFLOW_V.md sections 3-4):
 
     x       = frames / 127.5 - 1                       [B, T, C, H, W] float32 in [-1, 1]
     x_tilde = x + sigma * eps        (requires grad)   noise augmentation
-    out     = flow(x_tilde, actions, drop_actions)     exact NLL per frame + heads on detached features
+    out     = flow(x_tilde, actions, drop_actions)     exact NLL per frame
+    head    = heads(balanced single transitions)       reward/termination pixel model, its own batches
     (flow_loss + head_weight * head_loss).backward()   AdamW(0.9, 0.95) on flow + heads
     g       = score_target(x_tilde.grad)               sigma * grad NLL, no gradient into the flow
     flow_score_matching_loss(denoiser, x_tilde, g)     its own AdamW
@@ -154,6 +155,68 @@ def with_terminal_windows(clips: ClipDataset, copies: int) -> torch.utils.data.D
 
 
 # ----------------------------------------------------------------------------------------------
+# single transitions for the reward/termination head
+
+
+class TransitionSet:
+    """Every transition of some episodes as a 3-frame window (x_{t-1}, x_t, x_{t+1}), for the pixel
+    reward/termination head (``sfv_world.heads``).
+
+    Built on ``ClipDataset(clip_len=3, pad_start=True)``: window (e, s) holds frames s..s+2 and its
+    transition of interest is the last one, s+1 -> s+2 (for s = -1, the episode's first transition,
+    frame x_{-1} is padding and the head uses x_0 in its place). ``terminal`` lists the windows whose
+    transition terminates the episode. Batches are drawn by :meth:`sample`, which depends only on
+    (seed, step): no sampler state to save for an exact resume.
+    """
+
+    def __init__(self, reader: DatasetReader, episode_ids: list[int], frame_size: int, memory_budget_gb: float,
+                 exclude_actions: list[int] | None = None):
+        self.clips = ClipDataset(reader, episode_ids, clip_len=3, frame_size=frame_size, pad_start=True,
+                                 memory_budget_gb=memory_budget_gb)
+        if exclude_actions:
+            from sfv_world.datasets.filters import exclude_action_windows
+
+            exclude_action_windows(self.clips, list(exclude_actions))
+        index = self.clips.index
+        self.windows = np.flatnonzero(index[:, 1] >= -1)  # the last transition is real
+        terminal = [self.clips._steps[int(e)].terminations[int(s) + 1] for e, s in index[self.windows]]
+        self.terminal = self.windows[np.asarray(terminal, dtype=bool)]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """Windows ``indices`` (of the ClipDataset) stacked: frames uint8 [N, 3, C, H, W], actions [N, 2(, k)],
+        rewards float32 [N, 2], terminations bool [N, 2], mask bool [N, 3]."""
+        items = [self.clips[int(i)] for i in indices]
+        return {k: torch.stack([it[k] for it in items]) for k in ("frames", "actions", "rewards", "terminations", "mask")}
+
+    def sample(self, step: int, batch_size: int, terminal_fraction: float, seed: int, rank: int = 0) -> dict[str, torch.Tensor]:
+        """Batch ``step``: round(batch_size * terminal_fraction) terminal windows, the rest uniform over all
+        windows, both with replacement, drawn from a generator seeded by (seed, rank, step)."""
+        rng = np.random.default_rng([int(seed), int(rank), int(step)])
+        n_term = int(round(batch_size * terminal_fraction)) if len(self.terminal) else 0
+        picks = [rng.choice(self.terminal, n_term), rng.choice(self.windows, batch_size - n_term)]
+        return self.batch(np.concatenate(picks))
+
+    def chunks(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every window once, in order, in batches (evaluation)."""
+        for i in range(0, len(self.windows), batch_size):
+            yield self.batch(self.windows[i : i + batch_size])
+
+
+def head_logits(heads: torch.nn.Module, batch: dict[str, torch.Tensor], sigma: float, device: torch.device,
+                generator: torch.Generator | None = None, calibrated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``heads`` (a RewardTerminationHead) on a TransitionSet batch, frames noise-augmented like the flow's input:
+    -> (reward [N] or [N, 3], termination logit [N]) of each window's last transition."""
+    x = batch["frames"].to(device).float() / 127.5 - 1.0  # the IdentityCodec's scaling
+    noise = torch.randn(x.shape, generator=generator).to(device) if generator is not None else torch.randn_like(x)
+    r, d = heads.transitions(x + sigma * noise, batch["actions"].to(device), batch["mask"].to(device),
+                                        calibrated=calibrated)
+    return r[:, -1], d[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------
 # RNG state
 
 
@@ -271,13 +334,24 @@ class Trainer:
             )
         self.train_data = with_terminal_windows(self.train_set, int(self.tcfg.get("terminal_oversample", 0)))
         self.sampler = ResumableSampler(self.train_data, seed=int(cfg.seed), rank=self.rank, world_size=self.world_size)
+        head_kwargs = dict(frame_size=self.model_config.frame_size, memory_budget_gb=float(self.tcfg.memory_budget_gb),
+                           exclude_actions=list(self.tcfg.get("exclude_actions") or []))
+        self.head_train = TransitionSet(self.reader, self.splits["train"], **head_kwargs)
+        self.head_val = TransitionSet(self.reader, self.splits["val"], **head_kwargs) if self.splits["val"] else None
+        frac = float(self.tcfg.head_terminal_fraction)
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"train.head_terminal_fraction={frac}: expected a fraction in [0, 1)")
 
         # model and optimisers
         self.codec = IdentityCodec()
         self.model = WorldModel(self.model_config).to(self.device)
         betas = tuple(self.tcfg.betas)
+        head_ids = {id(p) for p in self.model.flow.heads.parameters()}
+        flow_only = [p for p in self.model.flow_parameters() if id(p) not in head_ids]
+        head_lr = float(self.tcfg.get("head_lr") or self.tcfg.lr)  # the small pixel head learns faster at a higher rate
         self.flow_opt = torch.optim.AdamW(
-            self.model.flow_parameters(), lr=self.tcfg.lr, betas=betas, weight_decay=self.tcfg.weight_decay
+            [{"params": flow_only}, {"params": list(self.model.flow.heads.parameters()), "lr": head_lr}],
+            lr=self.tcfg.lr, betas=betas, weight_decay=self.tcfg.weight_decay,
         )
         self.den_opt = torch.optim.AdamW(
             self.model.denoiser_parameters(), lr=self.tcfg.denoiser_lr, weight_decay=self.tcfg.weight_decay
@@ -286,7 +360,7 @@ class Trainer:
         warm = int(self.tcfg.warmup_steps)
         self.flow_sched = torch.optim.lr_scheduler.LambdaLR(
             self.flow_opt, lambda s: lr_lambda(s, warm, total, self.tcfg.min_lr / self.tcfg.lr)
-        )
+        )  # one multiplier for both groups
         self.den_sched = torch.optim.lr_scheduler.LambdaLR(
             self.den_opt, lambda s: lr_lambda(s, warm, total, self.tcfg.min_lr / self.tcfg.denoiser_lr)
         )
@@ -370,11 +444,9 @@ class Trainer:
 
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.flow_net(x_tilde, batch["actions"], drop_actions=drop, frame_mask=mask)
+            out = self.flow_net(x_tilde, batch["actions"], drop_actions=drop, frame_mask=mask, heads=False)
         flow_loss = self.model.flow.flow_loss(out, frame_mask=mask)
-        head_loss, head_metrics = self.model.flow.head_loss(
-            out, batch["rewards"], batch["terminations"], mask, float(tcfg.termination_pos_weight)
-        )
+        head_loss, head_metrics = self.head_step_loss()
         loss = flow_loss + tcfg.head_weight * head_loss
 
         self.flow_opt.zero_grad(set_to_none=True)
@@ -405,20 +477,50 @@ class Trainer:
             grad_norm=grad_norm, skipped=skipped, metrics=head_metrics,
         )
 
+    def head_step_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Reward/termination loss on this step's balanced batch of single transitions (TransitionSet)."""
+        tcfg = self.tcfg
+        hb = self.head_train.sample(self.step, int(tcfg.head_batch_size), float(tcfg.head_terminal_fraction),
+                                    int(self.cfg.seed), self.rank)
+        gen = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + self.step)
+        r, d = head_logits(self.model.flow.heads, hb, self.model_config.sigma, self.device, gen, calibrated=False)
+        return self.model.flow.heads.loss(r[:, None], d[:, None], hb["rewards"][:, -1:].to(self.device),
+                                          hb["terminations"][:, -1:].to(self.device), None,
+                                          float(tcfg.termination_pos_weight))
+
+    @torch.no_grad()
+    def calibrate_termination(self) -> dict[str, float]:
+        """Set the head's decision threshold to the F1-best one on every validation transition."""
+        from sfv_world.heads import f1_threshold
+
+        if self.head_val is None or len(self.head_val) == 0:
+            return {}
+        gen = torch.Generator().manual_seed(4321)
+        logits, labels = [], []
+        for hb in self.head_val.chunks(256):
+            logits.append(head_logits(self.model.flow.heads, hb, self.model_config.sigma, self.device, gen, calibrated=False)[1].cpu())
+            labels.append(hb["terminations"][:, -1])
+        threshold, f1 = f1_threshold(torch.cat(logits), torch.cat(labels))
+        self.model.flow.heads.termination_offset.fill_(threshold)
+        return {"val/termination_f1": f1, "val/termination_threshold": threshold,
+                "val/termination_positives": float(torch.cat(labels).sum())}
+
     # -- evaluation -------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation NLL (bits/dim per frame position) and reward/termination F1 on held-out clips."""
+        """Validation NLL (bits/dim per frame position) and reward on held-out clips; the termination
+        threshold calibrated (and its F1 measured) on every validation transition."""
         if self.val_set is None or len(self.val_set) == 0:
             return {}
         self.model.eval()
+        term_metrics = self.calibrate_termination()
         cfg = self.model_config
         gen = torch.Generator().manual_seed(1234)  # fixed validation windows and noise
         n = min(len(self.val_set), int(self.tcfg.eval_batches) * int(self.tcfg.batch_size))
         idx = torch.randperm(len(self.val_set), generator=gen)[:n].tolist()
         nll_sum, count = None, None
-        term_pred, term_true, rew_pred, rew_true = [], [], [], []
+        rew_pred, rew_true = [], []
         for i in range(0, n, int(self.tcfg.batch_size)):
             items = [self.val_set[j] for j in idx[i : i + int(self.tcfg.batch_size)]]
             batch = self.to_device({k: torch.stack([it[k] for it in items]) for k in items[0]})
@@ -430,15 +532,12 @@ class Trainer:
             nll_sum = (bpd * m).sum(0) if nll_sum is None else nll_sum + (bpd * m).sum(0)
             count = m.sum(0) if count is None else count + m.sum(0)
             valid = (batch["mask"][:, :-1] & batch["mask"][:, 1:]).cpu().numpy()
-            term_pred.append((out.termination_logit > 0).cpu().numpy()[valid])
-            term_true.append(batch["terminations"].cpu().numpy()[valid])
             rew_pred.append(self.model.flow.reward_value(out.reward).cpu().numpy()[valid])
             rew_true.append(batch["rewards"].cpu().numpy()[valid])
         per_pos = (nll_sum / count.clamp(min=1)).cpu().numpy()
         metrics = {f"val/bpd_t{t}": float(v) for t, v in enumerate(per_pos)}
         metrics["val/bpd"] = float(per_pos.mean())
-        tp, tt = np.concatenate(term_pred), np.concatenate(term_true)
-        metrics["val/termination_f1"] = binary_f1(tp, tt)
+        metrics.update(term_metrics)
         rp, rt = np.concatenate(rew_pred), np.concatenate(rew_true)
         metrics["val/reward_mae"] = float(np.mean(np.abs(rp - rt)))
         metrics["val/reward_sign_f1"] = reward_sign_f1(rp, rt)
@@ -495,20 +594,23 @@ class Trainer:
                     bar.set_postfix(loss=f"{result.loss:.4f}", den=f"{result.denoiser_loss:.3f}", fps=f"{fps:.0f}")
                     if logger:
                         logger.log(self.step, {f"train/{k}": v for k, v in last.items()})
-                if self.step % int(tcfg.eval_every) == 0 or self.step == total:
+                stop = tcfg.stop_after is not None and self.step >= int(tcfg.stop_after)
+                if deadline is not None and time.time() > deadline:
+                    stop = True
+                    if self.is_main:
+                        tqdm.write(f"train.max_minutes={tcfg.max_minutes} reached at step {self.step}; stopping")
+                # evaluate at every eval_every and before the final checkpoint (it holds the calibrated
+                # termination threshold)
+                if self.step % int(tcfg.eval_every) == 0 or self.step == total or stop:
                     if self.is_main:
                         ev = self.evaluate()
                         if logger and ev:
                             logger.log(self.step, ev)
                         self.write_sample_gif()
                         last.update(ev)
-                if self.step % int(tcfg.checkpoint_every) == 0:
+                if self.step % int(tcfg.checkpoint_every) == 0 and not stop:
                     self.save()
-                if tcfg.stop_after is not None and self.step >= int(tcfg.stop_after):
-                    break
-                if deadline is not None and time.time() > deadline:
-                    if self.is_main:
-                        tqdm.write(f"train.max_minutes={tcfg.max_minutes} reached at step {self.step}; stopping")
+                if stop:
                     break
         finally:
             bar.close()

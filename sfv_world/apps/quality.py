@@ -29,7 +29,7 @@ from sfv_world.checkpoint import load_world_model
 from sfv_world.datasets import ClipDataset, DatasetReader
 from sfv_world.model import nll_to_bits_per_dim
 from sfv_world.quality import mse, open_loop_rollout, psnr_from_mse, side_by_side_gif, to_hwc_uint8
-from sfv_world.train import binary_f1, resolve_device, reward_sign_f1
+from sfv_world.train import TransitionSet, binary_f1, head_logits, resolve_device, reward_sign_f1
 
 
 def evenly_spaced(n_items: int, k: int) -> list[int]:
@@ -85,10 +85,14 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         x_tilde = x + mcfg.sigma * torch.randn(x.shape, generator=gen).to(device)
         out = model.flow(x_tilde, batch["actions"].to(device))
         nll_rows.append(nll_to_bits_per_dim(out.nll, mcfg).cpu().numpy())  # [B,T]
-        term_pred.append((out.termination_logit > 0).cpu().numpy().ravel())
-        term_true.append(batch["terminations"].numpy().ravel())
-        rew_pred.append(model.flow.reward_value(out.reward).cpu().numpy().ravel())
-        rew_true.append(batch["rewards"].numpy().ravel())
+    # reward/termination: every transition of the test episodes, real frames (teacher-forced), the
+    # checkpoint's calibrated termination threshold
+    for hb in TransitionSet(reader, test_ids, mcfg.frame_size, memory_budget_gb=4.0).chunks(256):
+        r, d = head_logits(model.flow.heads, hb, mcfg.sigma, device, gen)
+        term_pred.append((d > 0).cpu().numpy())
+        term_true.append(hb["terminations"][:, -1].numpy())
+        rew_pred.append(model.flow.reward_value(r).cpu().numpy())
+        rew_true.append(hb["rewards"][:, -1].numpy())
     elapsed = time.time() - t0
 
     ems = {t: np.concatenate(v) for t, v in mse_model.items()}  # [N, H] per temperature
@@ -116,6 +120,7 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         "nll_bpd_per_position": np.concatenate(nll_rows).mean(0).round(4).tolist(),
         "termination_f1": round(binary_f1(tp, tt), 4),
         "termination_positives": int(tt.sum()),
+        "termination_transitions": int(tt.size),
         "reward_mae": round(float(np.mean(np.abs(rp - rt))), 5),
         "reward_sign_f1": round(reward_sign_f1(rp, rt), 4),
         "train_step": int(payload["step"]),
@@ -139,7 +144,8 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {h + 1} | {row} | {c:.2f} |")
     lines += [
         "",
-        f"Termination F1 {result['termination_f1']:.3f} ({result['termination_positives']} positives); "
+        f"Termination F1 {result['termination_f1']:.3f} ({result['termination_positives']} positives in "
+        f"{result.get('termination_transitions', '?')} test transitions); "
         f"reward MAE {result['reward_mae']:.4f}; held-out NLL per position (bits/dim): "
         + ", ".join(f"{v:.3f}" for v in result["nll_bpd_per_position"]),
     ]
