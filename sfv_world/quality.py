@@ -61,6 +61,7 @@ def open_loop_rollout(
     Returns (real, dream), both uint8 [B, horizon, H, W, C]; horizon defaults to T - context.
     """
     from sfv_world.sampling import JacobiConfig
+    from sfv_world.world import denoise_enabled
 
     frames, actions = batch["frames"].to(device), batch["actions"].to(device)
     T = frames.shape[1]
@@ -86,7 +87,7 @@ def open_loop_rollout(
         window.append(sample.x_tilde)
         window_actions.append(a)
         x_hat = sample.x_tilde
-        if sampler.get("denoise", True):
+        if denoise_enabled(sampler.get("denoise", "auto"), float(sampler["temperature"])):
             x_hat = model.denoiser.denoise_latest(torch.stack(window, 1), torch.stack(window_actions, 1))
         dream.append(codec.decode(x_hat))
         window, window_actions = window[-DENOISER_WINDOW:], window_actions[-(DENOISER_WINDOW - 1):]

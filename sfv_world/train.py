@@ -374,6 +374,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
 
+        if self.tcfg.get("init_from") and not (self.tcfg.resume and self.ckpt_path.exists()):
+            self.init_from(self.tcfg.init_from)
         if self.tcfg.resume:
             self.resume()
 
@@ -404,6 +406,15 @@ class Trainer:
             save_checkpoint(self.ckpt_path, self.payload())
         if self.distributed:
             dist.barrier()
+
+    def init_from(self, path: str | os.PathLike) -> None:
+        """Start from another run's weights (``train.init_from``; fine-tuning on more data): the model and
+        its calibrated termination threshold; optimisers, schedule and data order start fresh."""
+        payload = load_checkpoint(path, map_location=self.device)
+        check_model_config(Path(path), payload["model_config"], self.model_config.to_dict())
+        self.model.load_state_dict(payload["model"])
+        if self.is_main:
+            print(f"train.init_from: weights of {path} (step {payload['step']})")
 
     def resume(self) -> None:
         """Continue exactly from ``checkpoints/last.pt`` (a fresh run when none exists yet)."""

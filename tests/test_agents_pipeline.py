@@ -16,7 +16,7 @@ def tiny_pipeline_cfg(run_dir):
         "quality.context=2", "quality.horizon=2", "quality.max_windows=4",
         "agent.n_envs=4", "agent.total_timesteps=64", "agent.eval_every=64", "agent.eval_episodes=1",
         "agent.horizon=8", "agent.frame_stack=2",
-        "+agent.baseline_steps=32", "+agent.baseline_n_envs=2",
+        "agent.baseline_steps=32", "agent.baseline_n_envs=2",
         "+agent.algo_kwargs.n_steps=16", "+agent.algo_kwargs.batch_size=32", "+agent.algo_kwargs.n_epochs=1",
     ])
 
@@ -85,3 +85,16 @@ def test_outer_loop_collects_with_the_agent_retrains_and_continues(tmp_path):
     assert [h["iteration"] for h in agent_json["iterations"]] == [0, 1]
     assert agent_json["real_frames_used"] == second["transitions"]
     assert "Outer loop" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_finetune_iterations_continue_the_previous_world_model(tmp_path):
+    from sfv_world.apps.pipeline import iteration_cfg
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    assert iteration_cfg(cfg, 1).train.init_from is None, "default: retrain from scratch"
+    cfg.pipeline.finetune_steps = 40
+    one, two = iteration_cfg(cfg, 1), iteration_cfg(cfg, 2)
+    assert one.train.init_from == str(cfg.checkpoint) and one.train.steps == 40
+    assert two.train.init_from == str(tmp_path / "iter1" / "checkpoints" / "last.pt")
+    assert two.checkpoint == str(tmp_path / "iter2" / "checkpoints" / "last.pt")
+    assert one.train.warmup_steps <= 4 and two.agent.total_timesteps == 3 * cfg.agent.total_timesteps

@@ -173,3 +173,89 @@ def test_terminal_oversampling_adds_copies_of_episode_ending_windows(cartpole16)
     assert bool(boosted[len(clips)]["terminations"][-1])
     with pytest.raises(ValueError, match="terminal_oversample"):
         with_terminal_windows(clips, 10**6)
+
+
+def test_transition_set_balanced_batches_are_seeded_by_step(cartpole16):
+    from sfv_world.datasets import DatasetReader
+    from sfv_world.train import TransitionSet
+
+    reader = DatasetReader(cartpole16)
+    ts = TransitionSet(reader, reader.episode_ids, frame_size=16, memory_budget_gb=1.0)
+    # one window per transition: its last transition is real, and every episode's terminal one is listed
+    assert len(ts) == sum(reader.episode_lengths[e] for e in reader.episode_ids)
+    assert len(ts.terminal) == sum(int(reader.load_episode(e, observations=False).terminations.any())
+                                   for e in reader.episode_ids)
+    b = ts.sample(step=7, batch_size=20, terminal_fraction=0.25, seed=3)
+    assert b["frames"].shape == (20, 3, 3, 16, 16) and b["frames"].dtype == torch.uint8
+    assert bool(b["mask"][:, 1:].all()), "the transition of interest always has two real frames"
+    assert int(b["terminations"][:, -1].sum()) >= 5  # round(20 * 0.25) drawn from terminal windows
+    assert not bool(b["terminations"][:, 0].any()), "a terminal transition is always an episode's last"
+    again = ts.sample(step=7, batch_size=20, terminal_fraction=0.25, seed=3)
+    assert torch.equal(b["frames"], again["frames"]) and torch.equal(b["actions"], again["actions"])
+    other = ts.sample(step=8, batch_size=20, terminal_fraction=0.25, seed=3)
+    assert not torch.equal(b["frames"], other["frames"])
+    # a padded first transition (x_{-1} missing): mask False for frame 0 only
+    first = ts.batch(ts.windows[:1])
+    assert first["mask"].tolist() == [[False, True, True]]
+
+
+def test_f1_threshold_on_known_inputs():
+    from sfv_world.heads import f1_threshold
+
+    thr, f1 = f1_threshold(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([True, True, False, False]))
+    assert thr == pytest.approx(1.5) and f1 == pytest.approx(1.0)
+    # best cut keeps 3 predictions (2 TP, 1 FP): F1 = 4/5, vs 1 prediction: 2/3
+    thr, f1 = f1_threshold(torch.tensor([5.0, 4.0, 3.0, 0.0]), torch.tensor([True, False, True, False]))
+    assert 0.0 < thr < 3.0 and f1 == pytest.approx(0.8)
+    # ties are never split: both 2.0 logits fall on the same side
+    thr, f1 = f1_threshold(torch.tensor([2.0, 2.0, 1.0]), torch.tensor([True, False, False]))
+    assert thr == pytest.approx(1.5) and f1 == pytest.approx(2 / 3)
+    # every logit positive-labelled: the threshold lies below them all
+    thr, f1 = f1_threshold(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))
+    assert thr < 1.0 and f1 == 1.0
+    with pytest.raises(ValueError, match="2 logits but 3 labels"):
+        f1_threshold(torch.zeros(2), torch.zeros(3, dtype=torch.bool))
+
+
+def test_termination_threshold_is_calibrated_on_validation_and_stored(cartpole16, tmp_path):
+    from sfv_world.checkpoint import load_world_model
+    from sfv_world.heads import f1_threshold
+    from sfv_world.train import head_logits
+
+    trainer = run_trainer(tiny_overrides(cartpole16, tmp_path, "train.steps=12", "train.eval_every=1000"))
+    model, _ = load_world_model(tmp_path / "checkpoints" / "last.pt")
+    heads = model.flow.heads
+    offset = float(heads.termination_offset)
+    # recompute: raw logits on every validation transition, the same noise seed as the trainer
+    gen = torch.Generator().manual_seed(4321)
+    logits, labels = [], []
+    with torch.no_grad():
+        for hb in trainer.head_val.chunks(256):
+            logits.append(head_logits(heads, hb, model.config.sigma, "cpu", gen, calibrated=False)[1])
+            labels.append(hb["terminations"][:, -1])
+    expected, f1 = f1_threshold(torch.cat(logits), torch.cat(labels))
+    assert offset == pytest.approx(expected, abs=1e-5) and offset != 0.0
+    assert read_metrics(tmp_path / "train" / "metrics.csv")["val/termination_f1"][-1][1] == pytest.approx(f1)
+    # the calibrated logit is the raw one minus the stored threshold
+    hb = trainer.head_val.batch(trainer.head_val.windows[:4])
+    x = hb["frames"].float() / 127.5 - 1
+    with torch.no_grad():
+        _, raw = heads.transitions(x, hb["actions"], hb["mask"], calibrated=False)
+        _, cal = heads.transitions(x, hb["actions"], hb["mask"])
+    assert torch.allclose(cal, raw - offset)
+
+
+def test_init_from_starts_from_another_runs_weights(cartpole16, tmp_path):
+    from sfv_world.checkpoint import load_checkpoint as load
+
+    run_trainer(tiny_overrides(cartpole16, tmp_path / "a", "train.steps=4", "train.eval_every=4"))
+    first = load(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
+    trainer = Trainer(compose(tiny_overrides(cartpole16, tmp_path / "b", "train.steps=2",
+                                             f"train.init_from={tmp_path / 'a' / 'checkpoints' / 'last.pt'}")))
+    loaded = trainer.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in first.items()), "weights (and the head threshold) copied"
+    assert trainer.step == 0, "a fresh schedule, not a resume"
+    # a model of another size cannot start from it
+    with pytest.raises(CheckpointError, match=r"deep_layers: checkpoint=2 config=3"):
+        Trainer(compose(tiny_overrides(cartpole16, tmp_path / "c", "model.deep_layers=3",
+                                       f"train.init_from={tmp_path / 'a' / 'checkpoints' / 'last.pt'}")))

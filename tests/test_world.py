@@ -245,3 +245,14 @@ def test_sampler_settings_carry_every_jacobi_key():
     assert s.jacobi.criterion == "mean" and s.jacobi.block_size_first == 1
     with pytest.raises(ValueError, match="criterion"):
         SamplerSettings.from_dict({"criterion": "median"})
+
+
+def test_sampler_denoise_auto_follows_the_temperature():
+    from sfv_world.world import SamplerSettings
+
+    assert SamplerSettings.from_dict({"temperature": 0.0}).denoise is False  # the default is "auto"
+    assert SamplerSettings.from_dict({"temperature": 0.7}).denoise is True
+    assert SamplerSettings.from_dict({"temperature": 0.0, "denoise": True}).denoise is True
+    assert SamplerSettings.from_dict({"temperature": 1.0, "denoise": False}).denoise is False
+    with pytest.raises(ValueError, match="sampler.denoise must be true, false or 'auto'"):
+        SamplerSettings.from_dict({"denoise": "sometimes"})

@@ -157,9 +157,15 @@ def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
     if it == 0:
         return cfg
     rd = Path(cfg.run_dir) / f"iter{it}"
+    updates: dict[str, Any] = {"agent.total_timesteps": int(cfg.agent.total_timesteps) * (it + 1)}
+    finetune = OmegaConf.select(cfg, "pipeline.finetune_steps", default=None)
+    if finetune:  # continue the previous iteration's world model on the merged data instead of retraining
+        prev = cfg.checkpoint if it == 1 else Path(cfg.run_dir) / f"iter{it - 1}" / "checkpoints" / "last.pt"
+        updates.update({"train.init_from": str(prev), "train.steps": int(finetune),
+                        "train.warmup_steps": min(int(cfg.train.warmup_steps), max(1, int(finetune) // 10)),
+                        "train.eval_every": min(int(cfg.train.eval_every), int(finetune))})
     return _with(cfg, run_dir=str(rd), dataset=str(rd / "data" / str(cfg.env.name)),
-                 checkpoint=str(rd / "checkpoints" / "last.pt"),
-                 **{"agent.total_timesteps": int(cfg.agent.total_timesteps) * (it + 1)})
+                 checkpoint=str(rd / "checkpoints" / "last.pt"), **updates)
 
 
 def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_real_frames: int) -> dict[str, Any]:
@@ -499,9 +505,11 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the pipeline; ``pipeline.iterations`` > 1 adds outer-loop iterations.
 
-    Optional keys: ``pipeline.iterations`` (default 1), ``pipeline.collect_episodes`` (episodes collected
-    by the agent per iteration, default ``collect.episodes``), ``pipeline.epsilon`` (0.1),
-    ``pipeline.max_real_frames`` (50,000: the real-frame budget over all iterations).
+    Keys (``configs/config.yaml``): ``pipeline.iterations`` (default 1), ``pipeline.collect_episodes``
+    (episodes collected by the agent per iteration, default ``collect.episodes``), ``pipeline.epsilon``
+    (0.1), ``pipeline.max_real_frames`` (50,000: the real-frame budget over all iterations),
+    ``pipeline.finetune_steps`` (null: retrain the world model from scratch each iteration; N: continue
+    the previous one for N steps on the merged data).
     """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
