@@ -434,7 +434,8 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         "iterations": history,
     }
     (report / "agent.json").write_text(json.dumps(agent_json, indent=1, default=_json_default))
-    if bool(OmegaConf.select(cfg, "pipeline.record_benchmark", default=str(cfg.preset_name) == "cpu-demo")):
+    record = OmegaConf.select(cfg, "pipeline.record_benchmark", default=None)
+    if str(cfg.preset_name) == "cpu-demo" if record is None else bool(record):
         bench = REPO / "benchmarks" / "results" / "agent.json"
         bench.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(report / "agent.json", bench)
