@@ -60,6 +60,11 @@ class RewardTerminationHead(nn.Module):
         # decision threshold on the raw termination logit, set by the trainer on validation data
         self.register_buffer("termination_offset", torch.zeros(()))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the calibrated threshold existed: threshold 0 (the plain logit)
+        state_dict.setdefault(prefix + "termination_offset", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, windows: torch.Tensor, actions: torch.Tensor,
                 calibrated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """windows float [N, 3, C, H, W] (x_{t-1}, x_t, x_{t+1}); actions int64 [N] | float [N, k] (a_t)
@@ -133,8 +138,8 @@ def f1_threshold(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, flo
     """The decision threshold on ``logits`` (float [N]) that maximises F1 against ``labels`` (bool [N]).
 
     Returns (threshold, F1 at it); predictions are ``logits > threshold``. Candidates are midpoints
-    between consecutive distinct sorted logits (and below the smallest). No positives: (+inf-like max
-    logit, 1.0), i.e. never predict.
+    between consecutive distinct sorted logits (and below the smallest). No positives: (the largest
+    logit, 1.0), so nothing is predicted positive.
     """
     logits, labels = logits.detach().double().flatten(), labels.bool().flatten()
     if logits.numel() != labels.numel():

@@ -212,7 +212,7 @@ def head_logits(heads: torch.nn.Module, batch: dict[str, torch.Tensor], sigma: f
     x = batch["frames"].to(device).float() / 127.5 - 1.0  # the IdentityCodec's scaling
     noise = torch.randn(x.shape, generator=generator).to(device) if generator is not None else torch.randn_like(x)
     r, d = heads.transitions(x + sigma * noise, batch["actions"].to(device), batch["mask"].to(device),
-                                        calibrated=calibrated)
+                             calibrated=calibrated)
     return r[:, -1], d[:, -1]
 
 
@@ -493,7 +493,7 @@ class Trainer:
         tcfg = self.tcfg
         hb = self.head_train.sample(self.step, int(tcfg.head_batch_size), float(tcfg.head_terminal_fraction),
                                     int(self.cfg.seed), self.rank)
-        gen = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + self.step)
+        gen = torch.Generator().manual_seed((int(self.cfg.seed) * 1_000_003 + self.step) * 64 + self.rank)
         r, d = head_logits(self.model.flow.heads, hb, self.model_config.sigma, self.device, gen, calibrated=False)
         return self.model.flow.heads.loss(r[:, None], d[:, None], hb["rewards"][:, -1:].to(self.device),
                                           hb["terminations"][:, -1:].to(self.device), None,

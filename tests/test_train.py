@@ -259,3 +259,14 @@ def test_init_from_starts_from_another_runs_weights(cartpole16, tmp_path):
     with pytest.raises(CheckpointError, match=r"deep_layers: checkpoint=2 config=3"):
         Trainer(compose(tiny_overrides(cartpole16, tmp_path / "c", "model.deep_layers=3",
                                        f"train.init_from={tmp_path / 'a' / 'checkpoints' / 'last.pt'}")))
+
+
+def test_head_loads_state_without_a_calibrated_threshold():
+    from sfv_world.heads import RewardTerminationHead
+
+    head = RewardTerminationHead(3, 16, "discrete", 2, "regression")
+    state = {k: v for k, v in head.state_dict().items() if k != "termination_offset"}
+    fresh = RewardTerminationHead(3, 16, "discrete", 2, "regression")
+    fresh.termination_offset.fill_(5.0)
+    fresh.load_state_dict(state)  # strict: the missing buffer defaults to 0
+    assert float(fresh.termination_offset) == 0.0
