@@ -20,6 +20,8 @@ Scores, one per step (higher = more anomalous):
 ``action_ratio``   nll under the given action - nll under the learned NULL action (a log likelihood ratio
                    in bits/dim): positive when the action makes the observed frame *less* likely
 ``window``         mean of the signed robust z, (nll - median_p) / scale_p, over the last ``window`` steps
+``window_diff``    mean of ``complexity_diff`` over the last ``window`` steps (evidence that persists, e.g. a
+                   frozen video, adds up; measured on CartPole: see benchmarks/results/ood_findings.md)
 =================  ========================================================================================
 
 Calibration (:func:`compute_calibration`) runs on held-out in-distribution episodes (the checkpoint's
@@ -49,7 +51,7 @@ import torch
 from sfv_world.model import PIXEL_BITS_OFFSET, nll_to_bits_per_dim
 
 CALIBRATION_VERSION = 1
-SCORES = ("nll", "typicality", "complexity", "complexity_diff", "action_ratio", "window")
+SCORES = ("nll", "typicality", "complexity", "complexity_diff", "action_ratio", "window", "window_diff")
 QUANTILE_LEVELS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 MAD_TO_STD = 1.4826
 
@@ -345,6 +347,7 @@ def derive_scores(fs: FrameScores, band: dict[str, Any], window: int = 4, min_po
         "complexity_diff": nll_px - fs.code_diff,
         "action_ratio": fs.nll - fs.nll_null,
         "window": windowed_mean(z, window, fs.positions >= min_position),
+        "window_diff": windowed_mean(nll_px - fs.code_diff, window, fs.positions >= min_position),
     }
 
 
@@ -743,6 +746,7 @@ class OODMonitor:
         else:
             self.threshold = self.context_threshold = math.inf
         self.recent = np.full((self.num_envs, self.window), np.nan)
+        self.recent_diff = np.full((self.num_envs, self.window), np.nan)  # complexity_diff (window_diff)
         self.prev: np.ndarray | None = None
 
     @classmethod
@@ -768,6 +772,7 @@ class OODMonitor:
             self.prev = np.zeros((self.num_envs, *frames.shape[2:]), dtype=np.uint8)
         self.prev[rows] = frames[:, -1]
         self.recent[rows] = np.nan
+        self.recent_diff[rows] = np.nan
         if not self.calibrated:
             return {"ood_score": (-ll[:, -1]).astype(np.float32), "ood": np.zeros(len(rows), bool)}
         typ = np.abs(band_z(-ll, np.arange(ll.shape[1]), self.entry["bands"]["real"]))
@@ -795,9 +800,13 @@ class OODMonitor:
             s = np.nanmean(self.recent, axis=1)
         elif self.score == "complexity":
             s = nll + PIXEL_BITS_OFFSET - zlib_bits_per_dim(frames)
-        else:  # complexity_diff
+        else:  # complexity_diff, window_diff
             ref = prev if prev is not None else frames
             s = nll + PIXEL_BITS_OFFSET - zlib_bits_per_dim(frame_difference(frames, ref))
+            self.recent_diff = np.roll(self.recent_diff, -1, axis=1)
+            self.recent_diff[:, -1] = s
+            if self.score == "window_diff":
+                s = np.nanmean(self.recent_diff, axis=1)
         return {"ood_score": s.astype(np.float32), "ood": s > self.threshold}
 
 

@@ -185,6 +185,21 @@ def test_calibration_round_trip_through_the_checkpoint(calibrated):
     mon = O.OODMonitor.from_runtime(rt, 2)
     assert mon.calibrated and mon.score == "nll"
     assert mon.threshold == pytest.approx(entry["scores"]["imagined"]["nll"]["threshold"])
+    # window_diff in the env: the running mean of the last `window` complexity_diff values of each world
+    diff_mon = O.OODMonitor.from_runtime(rt, 2, score="complexity_diff")
+    win_mon = O.OODMonitor.from_runtime(rt, 2, score="window_diff")
+    rng = np.random.default_rng(0)
+    h, w = rt.model.config.frame_size, rt.model.config.frame_size
+    ctx = rng.integers(0, 256, (2, 3, h, w, 3), dtype=np.uint8)
+    for m in (diff_mon, win_mon):
+        m.reset_rows(np.arange(2), -np.ones((2, 3)), ctx)
+    singles = []
+    for t in range(win_mon.window + 2):
+        frames, ll = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8), -rng.uniform(1, 3, 2)
+        singles.append(diff_mon.step(ll, frames, np.array([3 + t] * 2))["ood_score"])
+        got = win_mon.step(ll, frames, np.array([3 + t] * 2))["ood_score"]
+        want = np.mean(singles[-win_mon.window:], axis=0)
+        assert np.allclose(got, want, atol=1e-5)
 
 
 def test_uncalibrated_monitor_and_bad_score():
