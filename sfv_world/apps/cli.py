@@ -76,6 +76,12 @@ def split_args(command: str, args: list[str]) -> tuple[list[str], bool]:
     return overrides, print_cfg
 
 
+def run_module(run, argv: list[str] | None = None) -> int:
+    """``python -m sfv_world.apps.<command> [overrides]`` (e.g. under torchrun): ``run(compose(argv))``."""
+    run(compose(list(sys.argv[1:] if argv is None else argv)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -544,10 +544,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sfv_world.apps.cli import compose
+    from sfv_world.apps.cli import run_module
 
-    run(compose(list(sys.argv[1:] if argv is None else argv)))
-    return 0
+    return run_module(run, argv)
 
 
 if __name__ == "__main__":
