@@ -170,6 +170,8 @@ def test_calibration_round_trip_through_the_checkpoint(calibrated):
         assert len(b["count"]) == P and len(b["quantiles"]) == P
         for q in b["quantiles"]:
             assert q is None or np.all(np.diff(q) >= 0)
+    assert len(stored["bands"]["context"]["count"]) == P
+    assert set(stored["scores"]["context"]) == {"typicality"}
     assert set(stored["scores"]["real"]) == set(O.SCORES)
     assert "action_ratio" not in stored["scores"]["imagined"]
     assert stored["bands"]["imagined"]["count"][0] == 0 and stored["bands"]["imagined"]["count"][2] > 0
@@ -185,21 +187,65 @@ def test_calibration_round_trip_through_the_checkpoint(calibrated):
     mon = O.OODMonitor.from_runtime(rt, 2)
     assert mon.calibrated and mon.score == "nll"
     assert mon.threshold == pytest.approx(entry["scores"]["imagined"]["nll"]["threshold"])
-    # window_diff in the env: the running mean of the last `window` complexity_diff values of each world
-    diff_mon = O.OODMonitor.from_runtime(rt, 2, score="complexity_diff")
-    win_mon = O.OODMonitor.from_runtime(rt, 2, score="window_diff")
+    # window in the env: the running mean of the last `window` signed z values (imagined band) of each world
+    win_mon = O.OODMonitor.from_runtime(rt, 2, score="window")
     rng = np.random.default_rng(0)
     h, w = rt.model.config.frame_size, rt.model.config.frame_size
-    ctx = rng.integers(0, 256, (2, 3, h, w, 3), dtype=np.uint8)
-    for m in (diff_mon, win_mon):
-        m.reset_rows(np.arange(2), -np.ones((2, 3)), ctx)
-    singles = []
+    win_mon.reset_rows(np.arange(2), -np.ones((2, 3)), rng.integers(0, 256, (2, 3, h, w, 3), dtype=np.uint8))
+    zs = []
     for t in range(win_mon.window + 2):
         frames, ll = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8), -rng.uniform(1, 3, 2)
-        singles.append(diff_mon.step(ll, frames, np.array([3 + t] * 2))["ood_score"])
-        got = win_mon.step(ll, frames, np.array([3 + t] * 2))["ood_score"]
-        want = np.mean(singles[-win_mon.window:], axis=0)
-        assert np.allclose(got, want, atol=1e-5)
+        pos = np.array([3 + t] * 2)
+        zs.append(O.band_z(-ll, pos, entry["bands"]["imagined"]))
+        got = win_mon.step(ll, frames, pos)["ood_score"]
+        assert np.allclose(got, np.mean(zs[-win_mon.window:], axis=0), atol=1e-5)
+
+
+def test_clean_scoring_is_deterministic_and_noise_draws_are_not(calibrated):
+    """noise_draws=0 scores x_tilde = x: the flow's NLL of the clean frame, the same for every seed."""
+    import torch
+
+    from sfv_world.checkpoint import load_world_model
+
+    model, payload = load_world_model(calibrated["ckpt"])
+    segs = O.read_segments(calibrated["dataset"], payload["dataset"]["splits"]["val"], 6, model.config.frame_size,
+                           4, [], 0)
+    clean0, _ = O.teacher_forced_nll(model, segs.frames, segs.actions, noise_draws=0, seed=0, null=False)
+    clean1, _ = O.teacher_forced_nll(model, segs.frames, segs.actions, noise_draws=0, seed=1, null=False)
+    np.testing.assert_array_equal(clean0, clean1)
+    x = torch.from_numpy(segs.frames).movedim(-1, -3).float() / 127.5 - 1.0
+    with torch.no_grad():
+        direct = model.flow(x, torch.as_tensor(segs.actions).long(), heads=False).nll.double()
+    np.testing.assert_allclose(clean0, (direct / (np.log(2.0) * model.config.frame_dims)).numpy(), rtol=1e-5)
+    noisy0, _ = O.teacher_forced_nll(model, segs.frames, segs.actions, noise_draws=1, seed=0, null=False)
+    noisy1, _ = O.teacher_forced_nll(model, segs.frames, segs.actions, noise_draws=1, seed=1, null=False)
+    assert not np.allclose(noisy0, noisy1) and not np.allclose(noisy0, clean0)
+    with pytest.raises(ValueError, match="noise_draws must be >= 0"):
+        O.teacher_forced_nll(model, segs.frames, segs.actions, noise_draws=-1)
+    with pytest.raises(ValueError, match="noise_draws must be >= 0"):
+        O.CalibrationSettings.from_dict({"noise_draws": -1})
+    assert O.CalibrationSettings().noise_draws == 0
+
+
+def test_monitor_scores_reset_contexts_against_the_context_band(calibrated):
+    """Reset contexts come from the runtime's noisy pass: the monitor uses the "context" band and
+    threshold, and falls back to the real ones for calibrations written before the context band."""
+    entry = calibrated["entry"]
+    mon = O.OODMonitor(entry, 1)
+    assert mon.context_band is entry["bands"]["context"]
+    assert mon.context_threshold == pytest.approx(entry["scores"]["context"]["typicality"]["threshold"])
+    ctx = np.zeros((1, 3, 4, 4, 3), np.uint8)
+    band = entry["bands"]["context"]
+    med = [m if m is not None else 0.0 for m in band["median"][:3]]
+    typical = mon.reset_rows(np.arange(1), -np.array([med]), ctx)  # exactly the per-position medians
+    assert typical["ood_score"][0] == pytest.approx(0.0, abs=1e-6) and not typical["ood"][0]
+    far = mon.reset_rows(np.arange(1), -np.array([med]) - 1e3, ctx)
+    assert far["ood"][0]
+    old = {**entry, "bands": {k: v for k, v in entry["bands"].items() if k != "context"},
+           "scores": {k: v for k, v in entry["scores"].items() if k != "context"}}
+    old_mon = O.OODMonitor(old, 1)
+    assert old_mon.context_band is entry["bands"]["real"]
+    assert old_mon.context_threshold == pytest.approx(entry["scores"]["real"]["typicality"]["threshold"])
 
 
 def test_uncalibrated_monitor_and_bad_score():
