@@ -243,8 +243,11 @@ def teacher_forced_nll(model, frames: np.ndarray, actions: np.ndarray, *, noise_
         B = x.shape[0]
         acc, acc_null = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
         for _ in range(passes):
-            eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-            xt = x + scale * eps
+            if scale:
+                eps = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+                xt = x + scale * eps
+            else:  # the clean frame
+                xt = x
             acc += nll_to_bits_per_dim(flow(xt, a).nll.double().cpu(), c)
             if null:
                 drop = torch.ones(B, dtype=torch.bool, device=device)

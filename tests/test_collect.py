@@ -403,7 +403,10 @@ def test_sb3_cnn_policy_on_stacked_hwc_frames(tmp_path: Path) -> None:
         prev = f
 
 
-def test_cli_collect_ctrl_c_says_where_the_data_is(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_collect_interrupt_says_where_the_data_is(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C, and `kill` (SIGTERM, which SDL would otherwise swallow), stop a rendering collector: exit 130,
+    the episodes so far readable in the partial file, the final path not created."""
     exe = Path(sys.executable).parent / "sfv-world"
     path = tmp_path / "cp"
     proc = subprocess.Popen([str(exe), "collect", "env=cartpole", "collect.episodes=100000", "collect.frame_size=8",
@@ -411,30 +414,11 @@ def test_cli_collect_ctrl_c_says_where_the_data_is(tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         _wait_for_episodes(proc, path, 2, timeout=180)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()  # never leave a collector running when the test fails
         proc.wait()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err[-2000:]
     assert f"readable in {partial_path_for(path)}" in err and "was not created" in err
     assert not path.exists() and DatasetReader(partial_path_for(path)).num_episodes >= 2
-
-
-def test_cli_collect_sigterm_is_an_interrupt(tmp_path: Path) -> None:
-    """`kill` (SIGTERM) stops a rendering collector like Ctrl-C, though SDL would otherwise swallow it."""
-    exe = Path(sys.executable).parent / "sfv-world"
-    path = tmp_path / "cp"
-    proc = subprocess.Popen([str(exe), "collect", "env=cartpole", "collect.episodes=100000", "collect.frame_size=8",
-                             "collect.progress=false", f"dataset={path}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
-    try:
-        _wait_for_episodes(proc, path, 2, timeout=180)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 130, err[-2000:]
-    assert f"readable in {partial_path_for(path)}" in err
-    assert DatasetReader(partial_path_for(path)).num_episodes >= 2
