@@ -10,12 +10,13 @@ policy and the world model are called once per step for all of them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from sfv_world.envs.sources import make_pixel_env
+from sfv_world.envs.sources import check_crop, make_pixel_env
 from sfv_world.envs.wrappers import FrameStack, ResizeObservation, stack_frames
 
 
@@ -27,15 +28,52 @@ class ObservationSpec:
     stored_frame_size: int
     model_frame_size: int
     frame_stack: int = 1
+    crop: tuple[int, int, int, int] | None = None  # the dataset's crop box of the raw frame (env.crop)
+
+    @classmethod
+    def from_meta(cls, dataset_meta: dict, model_frame_size: int, obs_mode: str, frame_stack: int) -> ObservationSpec:
+        """The spec of a world model trained on a dataset with metadata ``dataset_meta`` (its frame size
+        and crop under ``"sfv_world"``) at ``model_frame_size``."""
+        meta = dataset_meta.get("sfv_world") or {}
+        stored = meta.get("frame_shape") or [model_frame_size]
+        return cls(obs_mode, int(stored[0]), int(model_frame_size), int(frame_stack), dataset_crop(dataset_meta))
 
     @classmethod
     def from_runtime(cls, runtime, obs_mode: str, frame_stack: int) -> ObservationSpec:
-        stored = runtime.dataset_meta.get("sfv_world", {}).get("frame_shape") or [runtime.frame_shape[0]]
-        return cls(obs_mode, int(stored[0]), int(runtime.frame_shape[0]), int(frame_stack))
+        return cls.from_meta(runtime.dataset_meta, int(runtime.frame_shape[0]), obs_mode, frame_stack)
+
+    def check_env(self, env_cfg: Any) -> None:
+        """Raise if the real env config would crop its frames differently from the world model's data."""
+        crop = check_crop(env_cfg.get("crop") if hasattr(env_cfg, "get") else getattr(env_cfg, "crop", None))
+        if crop != self.crop:
+            raise ValueError(f"env.crop={None if crop is None else list(crop)} but the world model's dataset was "
+                             f"collected with crop {None if self.crop is None else list(self.crop)}: the real env "
+                             f"would show the agent other frames; pass env.crop={self._crop_override()}")
+
+    def _crop_override(self) -> str:
+        return "null" if self.crop is None else "[" + ",".join(str(v) for v in self.crop) + "]"
+
+
+def dataset_crop(dataset_meta: dict) -> tuple[int, int, int, int] | None:
+    """The crop box a dataset's frames were cut with: ``metadata["sfv_world"]["crop"]``, or for datasets
+    written before that field, the ``CropFrame`` wrapper recorded in its ``env_spec``; None: no crop."""
+    meta = dataset_meta.get("sfv_world") or {}
+    if "crop" in meta:
+        return check_crop(meta["crop"], "the dataset's crop")
+    spec = dataset_meta.get("env_spec")
+    try:
+        wrappers = json.loads(spec).get("additional_wrappers", []) if isinstance(spec, str) else []
+    except (ValueError, AttributeError):
+        wrappers = []
+    for w in wrappers:
+        if isinstance(w, dict) and w.get("name") == "CropFrame":
+            return check_crop((w.get("kwargs") or {}).get("crop"), "the dataset's env_spec crop")
+    return None
 
 
 def make_real_pixel_env(env_cfg: Any, spec: ObservationSpec) -> gym.Env:
     """The real env with dream-identical pixel observations: uint8 [h, w, C * frame_stack]."""
+    spec.check_env(env_cfg)
     env: gym.Env = ResizeObservation(make_pixel_env(env_cfg, spec.stored_frame_size), spec.model_frame_size)
     if spec.frame_stack > 1:
         env = FrameStack(env, spec.frame_stack)
@@ -80,6 +118,7 @@ def evaluate_real(
     n = int(episodes)
     if n < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    spec.check_env(env_cfg)
     envs = [ResizeObservation(make_pixel_env(env_cfg, spec.stored_frame_size), spec.model_frame_size) for _ in range(n)]
     frames = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])  # [N, h, w, C]
     returns, lengths = np.zeros(n), np.zeros(n, dtype=np.int64)

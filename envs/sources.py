@@ -1,7 +1,7 @@
 """Real source environments (CartPole pixels, ALE Atari, MiniGrid) and the pixel-observation wrapper.
 
 ``make_source_env(cfg.env)`` builds the env a config names (``configs/env/*.yaml``: ``id``,
-``frame_source``, ``kwargs``, optional ``action_subset``); the apps layer hands it to the collector.
+``frame_source``, ``kwargs``, optional ``action_subset`` and ``crop``); the apps layer hands it to the collector.
 ``PixelObservation`` turns any env into one whose observations are exactly the frames a dataset stores
 (same frame source, same ``area_resize``), so agents evaluated in the real env see dream-like inputs.
 """
@@ -44,6 +44,72 @@ class ActionSubset(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
 
     def action(self, action: Any) -> int:
         return self.subset[int(action)]
+
+
+def check_crop(crop: Any, name: str = "env.crop") -> tuple[int, int, int, int] | None:
+    """Validate a crop box ``[top, bottom, left, right]`` (pixel bounds, bottom/right exclusive) or None."""
+    crop = _plain(crop)
+    if crop is None:
+        return None
+    try:
+        box = tuple(int(v) for v in crop)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be [top, bottom, left, right] pixel bounds, got {crop!r}") from None
+    if len(box) != 4 or box[0] < 0 or box[2] < 0 or box[1] <= box[0] or box[3] <= box[2]:
+        raise ValueError(f"{name} must be [top, bottom, left, right] with 0 <= top < bottom and "
+                         f"0 <= left < right, got {list(crop)}")
+    return box  # type: ignore[return-value]
+
+
+class CropFrame(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Crop the env's frames to the box ``[top, bottom, left, right]`` of the raw image (before any resize).
+
+    With ``frame_source="render"`` it crops what ``render()`` returns; with ``"obs"`` the image
+    observations (and ``observation_space``). CartPole's render is 400 x 600 and the cart and pole live
+    in rows ~160-320, so cropping those rows gives the pole ~2.5x the rows of the full frame at the same
+    stored size. A box larger than the frame is an error that names it.
+    """
+
+    def __init__(self, env: gym.Env, crop: Sequence[int], frame_source: FrameSource = "render"):
+        box = check_crop(crop, "CropFrame crop")
+        gym.utils.RecordConstructorArgs.__init__(self, crop=list(box), frame_source=frame_source)
+        gym.Wrapper.__init__(self, env)
+        if frame_source not in ("render", "obs"):
+            raise ValueError(f"frame_source must be 'render' or 'obs', got {frame_source!r}")
+        self.crop, self.frame_source = box, frame_source
+        if frame_source == "obs":
+            space = env.observation_space
+            if not (isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) in (2, 3)):
+                raise ValueError(f"CropFrame(frame_source='obs') needs uint8 image observations, got {space}")
+            self._check(space.shape)
+            top, bottom, left, right = box
+            shape = (bottom - top, right - left, *space.shape[2:])
+            self.observation_space = spaces.Box(0, 255, shape, np.uint8)
+
+    def _check(self, shape: tuple[int, ...]) -> None:
+        _, bottom, _, right = self.crop
+        if bottom > shape[0] or right > shape[1]:
+            raise ValueError(f"env.crop {list(self.crop)} lies outside the {shape[0]}x{shape[1]} frame of {self.env}")
+
+    def _cut(self, frame: Any) -> np.ndarray:
+        frame = np.asarray(frame)
+        self._check(frame.shape)
+        top, bottom, left, right = self.crop
+        return np.ascontiguousarray(frame[top:bottom, left:right])
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return (self._cut(obs) if self.frame_source == "obs" else obs), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return (self._cut(obs) if self.frame_source == "obs" else obs), reward, terminated, truncated, info
+
+    def render(self):
+        frame = self.env.render()
+        if self.frame_source != "render" or frame is None or np.asarray(frame).ndim < 2:
+            return frame
+        return self._cut(frame)
 
 
 class PixelObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
@@ -98,7 +164,8 @@ def make_source_env(env_cfg: Any, *, render_mode: str | None = None) -> gym.Env:
 
     Keys: ``id`` (gymnasium id), ``frame_source`` ("render" | "obs"), ``kwargs`` (passed to
     ``gym.make``), optional ``action_subset`` (list of Discrete actions to keep) and
-    ``max_episode_steps``. ALE ids (``ALE/...``) register ale-py's envs; MiniGrid ids register
+    ``max_episode_steps``, optional ``crop`` ([top, bottom, left, right] of the raw frame, see
+    :class:`CropFrame`). ALE ids (``ALE/...``) register ale-py's envs; MiniGrid ids register
     minigrid's and default to the three navigation actions. With ``frame_source="render"`` the env is
     made with ``render_mode="rgb_array"`` unless ``render_mode`` says otherwise.
     """
@@ -129,6 +196,9 @@ def make_source_env(env_cfg: Any, *, render_mode: str | None = None) -> gym.Env:
     env = gym.make(env_id, render_mode=render_mode, **kwargs)
     if action_subset is not None:
         env = ActionSubset(env, action_subset)
+    crop = check_crop(_get(env_cfg, "crop"))
+    if crop is not None:
+        env = CropFrame(env, crop, frame_source)
     return env
 
 

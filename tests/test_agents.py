@@ -119,6 +119,32 @@ def test_latent_evaluation_feeds_real_frames_through_the_world_model(cartpole):
         evaluate_real(Recorder(), CARTPOLE, spec, episodes=1)
 
 
+def test_real_env_must_crop_like_the_dataset(cartpole):
+    """A world model trained on cropped frames is evaluated only in an env that crops the same way; the
+    box comes from the dataset's metadata, or for older datasets from the CropFrame in its env_spec."""
+    from sfv_world.agents.evaluation import dataset_crop
+
+    spec = ObservationSpec("pixels", 32, 16, 1, crop=(160, 320, 0, 600))
+    with pytest.raises(ValueError, match=r"env.crop=None but the world model's dataset was collected with crop "
+                                         r"\[160, 320, 0, 600\].*env.crop=\[160,320,0,600\]"):
+        make_real_pixel_env(CARTPOLE, spec)
+    with pytest.raises(ValueError, match="env.crop=None"):
+        evaluate_real(None, CARTPOLE, spec, episodes=1)
+    env = make_real_pixel_env({**CARTPOLE, "crop": [160, 320, 0, 600]}, spec)
+    assert env.reset(seed=0)[0].shape == (16, 16, 3)
+    with pytest.raises(ValueError, match=r"env.crop=\[160, 320, 0, 600\] but .* collected with crop None"):
+        make_real_pixel_env({**CARTPOLE, "crop": [160, 320, 0, 600]}, ObservationSpec("pixels", 32, 16, 1))
+    wrapped = '{"id": "CartPole-v1", "additional_wrappers": [{"name": "CropFrame", "kwargs": {"crop": [1, 2, 3, 4]}}]}'
+    assert dataset_crop({"sfv_world": {"crop": [5, 6, 7, 8]}, "env_spec": wrapped}) == (5, 6, 7, 8)
+    assert dataset_crop({"sfv_world": {}, "env_spec": wrapped}) == (1, 2, 3, 4)
+    assert dataset_crop({"sfv_world": {"crop": None}, "env_spec": wrapped}) is None
+    assert dataset_crop({"sfv_world": {}}) is None
+    from sfv_world.datasets import DatasetReader
+
+    with DatasetReader(cartpole["dataset"]) as reader:
+        assert ObservationSpec.from_meta(reader.metadata, 16, "pixels", 1).crop is None
+
+
 def test_model_free_baseline_uses_the_same_observations(cartpole, tmp_path):
     from sfv_world.agents.model_free import train_model_free
 

@@ -350,6 +350,39 @@ def test_action_subset_wrapper() -> None:
         ActionSubset(CountingEnv(), [0, 7])
 
 
+def test_crop_frame_cuts_the_raw_frame_before_the_resize(tmp_path: Path) -> None:
+    """env.crop cuts render() (and image observations) to [top, bottom, left, right]; the collector and
+    PixelObservation then resize the cut frame, and the dataset records the box."""
+    from sfv_world.envs.sources import CropFrame, make_pixel_env, make_source_env
+
+    full = make_source_env({"id": "CartPole-v1"})
+    full.reset(seed=3)
+    raw = full.render()
+    cfg = {"id": "CartPole-v1", "crop": [160, 320, 100, 500]}
+    env = make_source_env(cfg)
+    env.reset(seed=3)
+    np.testing.assert_array_equal(env.render(), raw[160:320, 100:500])
+    pix = make_pixel_env(cfg, frame_size=16)
+    obs, _ = pix.reset(seed=3)
+    np.testing.assert_array_equal(obs, area_resize(raw[160:320, 100:500], 16))
+    # the box is recorded in the dataset's env_spec, so the env can be rebuilt with it
+    collect(env, tmp_path / "cut", RandomPolicy(env.action_space), episodes=1, frame_size=16, progress=False)
+    spec = DatasetReader(tmp_path / "cut").metadata["env_spec"]
+    assert '"CropFrame"' in spec and "[160, 320, 100, 500]" in spec
+    # image observations are cut too, with their space
+    obs_env = CropFrame(CountingEnv(), [1, 5, 2, 8], frame_source="obs")
+    o, _ = obs_env.reset(seed=0)
+    assert o.shape == (4, 6, 3) and obs_env.observation_space.shape == (4, 6, 3) and obs_env.observation_space.contains(o)
+    with pytest.raises(ValueError, match=r"env.crop \[0, 999, 0, 600\] lies outside the 400x600 frame"):
+        bad = make_source_env({"id": "CartPole-v1", "crop": [0, 999, 0, 600]})
+        bad.reset(seed=0)
+        bad.render()
+    for box in ([10, 5, 0, 600], [0, 10, 0], "top", [-1, 10, 0, 600]):
+        with pytest.raises(ValueError, match="env.crop must be"):
+            make_source_env({"id": "CartPole-v1", "crop": box})
+    full.close(), env.close(), pix.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 
@@ -365,8 +398,10 @@ def test_cli_collect_and_inspect(tmp_path: Path, capsys) -> None:
     assert "episodes     2" in out and "16x16x3" in out
     with pytest.raises(SystemExit, match="already exists; pass collect.overwrite=true"):
         main(args)
-    assert main(args + ["collect.overwrite=true", "seed=1"]) == 0
-    assert DatasetReader(ds).metadata["sfv_world"]["seed"] == 1
+    assert DatasetReader(ds).metadata["sfv_world"]["crop"] is None
+    assert main(args + ["collect.overwrite=true", "seed=1", "env.crop=[100,340,0,600]"]) == 0
+    meta = DatasetReader(ds).metadata["sfv_world"]
+    assert meta["seed"] == 1 and meta["crop"] == [100, 340, 0, 600]
     sheet = tmp_path / "sheet.png"
     assert main(["inspect", str(ds), f"inspect.contact_sheet={sheet}", "inspect.samples=5"]) == 0
     out = capsys.readouterr().out

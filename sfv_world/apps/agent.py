@@ -68,9 +68,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             meta = payload["dataset"]
             real_steps = int(OmegaConf.select(cfg, "agent.baseline_steps", default=None) or meta["total_steps"])
-            model_size = int(payload["model_config"]["frame_size"])
-            stored = int((meta.get("sfv_world") or {}).get("frame_shape", [model_size])[0])
-            spec = ObservationSpec("pixels", stored, model_size, int(settings.frame_stack))
+            spec = ObservationSpec.from_meta(meta, int(payload["model_config"]["frame_size"]), "pixels",
+                                             int(settings.frame_stack))
             n_envs = int(OmegaConf.select(cfg, "agent.baseline_n_envs", default=8))
             results["model_free"] = train_model_free(cfg.env, spec, real_steps, dirs["model_free"], settings,
                                                      n_envs=n_envs, progress=progress)

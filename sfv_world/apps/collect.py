@@ -58,6 +58,14 @@ def run(cfg: DictConfig) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def crop_list(env_cfg) -> list[int] | None:
+    """The env config's crop box as a plain list (stored in the dataset's metadata), or None."""
+    from sfv_world.envs.sources import check_crop
+
+    box = check_crop(OmegaConf.select(env_cfg, "crop", default=None))
+    return None if box is None else list(box)
+
+
 def _run(cfg: DictConfig) -> int:
     from sfv_world.apps.inspect import format_summary, summarise
     from sfv_world.datasets import DatasetReader
@@ -83,7 +91,8 @@ def _run(cfg: DictConfig) -> int:
                 max_episode_steps=None if ccfg.max_episode_steps is None else int(ccfg.max_episode_steps),
                 env_id=cfg.env.id, overwrite=overwrite, progress=bool(ccfg.get("progress", True)),
                 info={"env_name": cfg.env.name,
-                      "env_kwargs": OmegaConf.to_container(cfg.env.kwargs, resolve=True) if cfg.env.kwargs else {}})
+                      "env_kwargs": OmegaConf.to_container(cfg.env.kwargs, resolve=True) if cfg.env.kwargs else {},
+                      "crop": crop_list(cfg.env)})
     except KeyboardInterrupt:
         partial = partial_path_for(path)
         n = DatasetReader(partial).num_episodes if partial.exists() else 0

@@ -21,6 +21,7 @@ stage timings.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import sys
@@ -178,6 +179,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     from sfv_world.agents.evaluation import ObservationSpec
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.agent import agent_dirs
+    from sfv_world.apps.collect import crop_list
     from sfv_world.datasets import DatasetReader, collect, partial_path_for
     from sfv_world.envs.sources import make_source_env
     from sfv_world.world import WorldRuntime
@@ -191,6 +193,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     overwrite = new.exists() or partial_path_for(new).exists()
     runtime = WorldRuntime.from_checkpoint(prev.checkpoint, batch_size=1, seed=int(cur.seed))
     spec = ObservationSpec.from_runtime(runtime, str(cur.agent.obs_mode), int(cur.agent.frame_stack))
+    spec.check_env(cur.env)
     policy_path = agent_dirs(prev)["imagination"] / "policy.zip"
     model = algo_class(cur.agent.algo).load(policy_path, device="cpu")
     env = make_source_env(cur.env)
@@ -203,7 +206,8 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
         stats = collect(env, new, policy, episodes=episodes, max_frames=budget, frame_size=int(cur.collect.frame_size),
                         frame_source=cur.env.frame_source, seed=int(cur.seed) + 1000 * it,
                         env_id=cur.env.id, overwrite=overwrite, progress=False,
-                        info={"env_name": str(cur.env.name), "collected_by": str(policy_path)})
+                        info={"env_name": str(cur.env.name), "collected_by": str(policy_path),
+                              "crop": crop_list(cur.env)})
     finally:
         env.close()
     merge_datasets([prev.dataset, new], cur.dataset, overwrite=True)
@@ -234,7 +238,7 @@ def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = ObservationSpec.from_runtime(runtime, str(cfg.agent.obs_mode), int(cfg.agent.frame_stack))
     model = cls.load(dirs["imagination"] / "policy.zip", device="cpu")
     out["imagination"] = evaluate_real(model, cfg.env, spec, episodes, seed, runtime_factory=factory).as_dict()
-    pixel_spec = ObservationSpec("pixels", spec.stored_frame_size, spec.model_frame_size, int(cfg.agent.frame_stack))
+    pixel_spec = dataclasses.replace(spec, obs_mode="pixels")
     if (dirs["model_free"] / "policy.zip").exists():
         model = cls.load(dirs["model_free"] / "policy.zip", device="cpu")
         out["model_free"] = evaluate_real(model, cfg.env, pixel_spec, episodes, seed).as_dict()

@@ -120,8 +120,7 @@ class PlaySession:
         if not want and not same_env:
             return  # the key map would belong to another env
         try:
-            stored = (self.runtime.dataset_meta.get("sfv_world") or {}).get("frame_shape") or [self.runtime.frame_shape[0]]
-            spec = ObservationSpec("pixels", int(stored[0]), int(self.runtime.frame_shape[0]), 1)
+            spec = ObservationSpec.from_runtime(self.runtime, "pixels", 1)
             env = make_real_pixel_env(env_cfg, spec)
         except Exception as e:  # a missing ROM or package only costs the side-by-side view
             if want:
