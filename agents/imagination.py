@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
-from sfv_world.agents.policies import algo_class, algo_kwargs, policy_for
+from sfv_world.agents.policies import StandardizedFeatures, algo_class, algo_kwargs, policy_for
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecMonitor
 
@@ -154,6 +154,23 @@ class RealEvalCallback(BaseCallback):
         return self.run_eval()
 
 
+def latent_feature_stats(venv, steps: int = 16, seed: int = 0, min_std: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (float32 [D] each) of a latent dream vec env's observations.
+
+    Resets ``venv`` and plays ``steps`` uniformly random actions in all its worlds (so ~N * (steps + 1)
+    samples of the states the agent starts from); std is floored at ``min_std``. The caller resets the
+    env again before training (SB3's ``learn`` does).
+    """
+    space = venv.action_space
+    space.seed(seed)
+    obs = [venv.reset()]
+    for _ in range(int(steps)):
+        o, *_ = venv.step(np.stack([space.sample() for _ in range(venv.num_envs)]))
+        obs.append(o)
+    x = np.concatenate(obs).astype(np.float64)
+    return x.mean(0).astype(np.float32), np.maximum(x.std(0), min_std).astype(np.float32)
+
+
 def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
                          progress: bool = False) -> dict[str, Any]:
     """Train ``settings.algo`` inside the dream of ``checkpoint``; evaluate in the real env of ``env_cfg``.
@@ -191,13 +208,17 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
 
     policy_name, policy_kwargs = policy_for(settings.obs_mode, venv.observation_space, settings.policy)
     cls = algo_class(settings.algo)
+    ckpt = out / "checkpoint.zip"
+    if settings.obs_mode == "latent" and not ckpt.exists():
+        mean, std = latent_feature_stats(venv, seed=settings.seed)
+        policy_kwargs = {**policy_kwargs, "features_extractor_class": StandardizedFeatures,
+                         "features_extractor_kwargs": {"mean": mean.tolist(), "std": std.tolist()}}
     if settings.ood_truncate:
         from sfv_world.envs.ood import OODTruncationVecEnv
 
         monitored = VecMonitor(OODTruncationVecEnv(venv))
     else:
         monitored = VecMonitor(venv)
-    ckpt = out / "checkpoint.zip"
     if ckpt.exists():
         model = cls.load(ckpt, env=monitored, device="cpu", tensorboard_log=str(out / "tb"))
         print(f"[agent] resuming from {ckpt} at {model.num_timesteps} steps")

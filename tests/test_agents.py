@@ -71,10 +71,40 @@ def test_resume_after_interruption_continues_from_the_checkpoint(cartpole, tmp_p
 
 
 def test_a2c_with_latent_observations(cartpole, tmp_path):
-    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path,
-                                  small(algo="a2c", obs_mode="latent", total_timesteps=160, eval_every=80,
-                                        algo_kwargs={}))
+    """Latent policies standardize the features with stats measured on the dream, saved with the policy."""
+    from sfv_world.agents.imagination import latent_feature_stats
+    from sfv_world.agents.policies import StandardizedFeatures
+    from sfv_world.envs.sb3 import DreamSB3VecEnv
+    from stable_baselines3 import A2C
+
+    settings = small(algo="a2c", obs_mode="latent", total_timesteps=160, eval_every=80, algo_kwargs={})
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, settings)
     assert result["dream_steps"] == 160 and np.isfinite(result["real_return_mean"])
+    venv = DreamSB3VecEnv(cartpole["ckpt"], num_envs=settings.n_envs, obs_mode="latent", horizon=settings.horizon,
+                          context_frames=settings.context_frames, context_start=settings.context_start)
+    venv.seed(settings.seed)
+    mean, std = latent_feature_stats(venv, seed=settings.seed)
+    assert mean.shape == std.shape == venv.observation_space.shape and (std >= 1e-3).all()
+    extractor = A2C.load(tmp_path / "policy.zip", device="cpu").policy.features_extractor
+    assert isinstance(extractor, StandardizedFeatures)  # the same stats, restored from the saved policy
+    np.testing.assert_allclose(extractor.mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(extractor.std.numpy(), std, rtol=1e-5, atol=1e-6)
+
+
+def test_standardized_features() -> None:
+    import gymnasium as gym
+    import torch
+    from sfv_world.agents.policies import StandardizedFeatures
+
+    space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    layer = StandardizedFeatures(space, mean=[1.0, 0.0, -2.0], std=[0.5, 2.0, 1e-3])
+    out = layer(torch.tensor([[2.0, 4.0, -2.0], [1.0, 0.0, 5.0]]))
+    torch.testing.assert_close(out, torch.tensor([[2.0, 2.0, 0.0], [0.0, 0.0, 10.0]]))  # clipped at 10
+    assert layer.features_dim == 3
+    with pytest.raises(ValueError, match="must match the flat observation space"):
+        StandardizedFeatures(space, mean=[0.0, 0.0], std=[1.0, 1.0])
+    with pytest.raises(ValueError, match="std must be > 0"):
+        StandardizedFeatures(space, mean=[0.0] * 3, std=[1.0, 0.0, 1.0])
 
 
 def test_dqn_in_the_dream(cartpole, tmp_path):
