@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,21 @@ def partial_path_for(path: str | os.PathLike) -> Path:
 # Writer
 
 
+def _open_for_append(path: Path, wait_s: float = 60.0) -> h5py.File:
+    """Open the writer's HDF5 file for appending, waiting up to ``wait_s`` seconds while another process
+    holds HDF5's file lock (e.g. ``sfv-world inspect`` of a ``.partial`` dataset): a reader must never
+    end a collection."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return h5py.File(path, "a", track_order=True)
+        except BlockingIOError as e:
+            if time.monotonic() > deadline:
+                raise BlockingIOError(e.errno, f"{path} stayed locked by another process for {wait_s:.0f} s; "
+                                               f"close its readers and resume the collection") from e
+            time.sleep(0.05)
+
+
 class EpisodeWriter:
     """Crash-safe writer of one new dataset (use as a context manager).
 
@@ -318,7 +334,7 @@ class EpisodeWriter:
             raise ValueError(f"add_episode (episode {self.num_episodes}): field '{problem[0]}': {problem[1]}")
         eid = self.num_episodes
         num_steps = int(arrays["rewards"].shape[0])
-        with h5py.File(self._file, "a", track_order=True) as f:
+        with _open_for_append(self._file) as f:
             name = f"episode_{eid}"
             try:
                 group = f.create_group(name)

@@ -137,6 +137,29 @@ def test_writer_exception_keeps_finished_episodes(tmp_path: Path) -> None:
         EpisodeWriter(path, action_space=spaces.Discrete(4), frame_shape=FRAME)
 
 
+def test_writer_waits_for_a_reader_holding_the_file_lock(tmp_path: Path) -> None:
+    """Another process reading the .partial file (``sfv-world inspect`` during a collection) holds HDF5's
+    lock; the writer waits for it instead of ending the collection."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+    with EpisodeWriter(path, action_space=spaces.Discrete(4), frame_shape=FRAME) as w:
+        w.add_episode(**make_episode(0, 4, spaces.Discrete(4), rng))
+        main = partial_path_for(path) / DATA_DIR / MAIN_FILE
+        holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({str(main)!r}, 'r'); "
+                                   "print('open', flush=True); time.sleep(1.5)"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "open"
+            with pytest.raises(BlockingIOError):  # really locked: h5py refuses to open it for writing
+                h5py.File(main, "a").close()
+            w.add_episode(**make_episode(1, 6, spaces.Discrete(4), rng))  # waits until the reader exits
+        finally:
+            holder.wait(timeout=30)
+    assert DatasetReader(path).episode_lengths == {0: 4, 1: 6}
+
+
 @pytest.mark.parametrize("field,bad,message", [
     ("actions", np.full(4, 9), r"field .actions.: 4 action\(s\) outside the recorded action space Discrete\(4\) \(first at step 0: 9\)"),
     ("observations", np.zeros((5, 12, 16, 1), np.uint8), "field 'observations'.*shape"),
