@@ -194,7 +194,7 @@ def test_agent_cli_entry_point(cartpole, tmp_path):
 
     cfg = compose(["preset=tiny", "device=cpu", f"run_dir={tmp_path}", f"checkpoint={cartpole['ckpt']}",
                    "agent.n_envs=4", "agent.total_timesteps=64", "agent.eval_every=64", "agent.eval_episodes=1",
-                   "agent.horizon=8", "agent.frame_stack=1"])
+                   "agent.horizon=8", "agent.frame_stack=1", "env.crop=null"])  # the fixture's data is uncropped
     with open_dict(cfg):
         cfg.agent.algo_kwargs = {"n_steps": 16, "batch_size": 32, "n_epochs": 1}
     results = agent.run(cfg)

@@ -398,10 +398,10 @@ def test_cli_collect_and_inspect(tmp_path: Path, capsys) -> None:
     assert "episodes     2" in out and "16x16x3" in out
     with pytest.raises(SystemExit, match="already exists; pass collect.overwrite=true"):
         main(args)
-    assert DatasetReader(ds).metadata["sfv_world"]["crop"] is None
-    assert main(args + ["collect.overwrite=true", "seed=1", "env.crop=[100,340,0,600]"]) == 0
+    assert DatasetReader(ds).metadata["sfv_world"]["crop"] == [160, 320, 0, 600]  # CartPole's default
+    assert main(args + ["collect.overwrite=true", "seed=1", "env.crop=null"]) == 0
     meta = DatasetReader(ds).metadata["sfv_world"]
-    assert meta["seed"] == 1 and meta["crop"] == [100, 340, 0, 600]
+    assert meta["seed"] == 1 and meta["crop"] is None
     sheet = tmp_path / "sheet.png"
     assert main(["inspect", str(ds), f"inspect.contact_sheet={sheet}", "inspect.samples=5"]) == 0
     out = capsys.readouterr().out

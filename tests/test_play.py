@@ -143,7 +143,11 @@ def test_play_side_by_side_and_image(tiny, tmp_path):
     picture = tmp_path / "start.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(picture)
-    cfg = compose(tiny, "play.side_by_side=true", f"play.image={picture}", f"play.record_dir={tmp_path}")
+    # the tiny model's data is uncropped, the CartPole config crops: the real env would differ
+    with pytest.raises(ValueError, match=r"play.side_by_side: .*collected with crop None.*pass env.crop=null"):
+        PlayApp(compose(tiny, "play.side_by_side=true", f"play.record_dir={tmp_path}"))
+    cfg = compose(tiny, "play.side_by_side=true", f"play.image={picture}", f"play.record_dir={tmp_path}",
+                  "env.crop=null")
     app = PlayApp(cfg)
     s = app.session
     assert s.real_env is not None and s.source == "real env"
