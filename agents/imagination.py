@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
-from sfv_world.agents.policies import StandardizedFeatures, algo_class, algo_kwargs, policy_for
+from sfv_world.agents.policies import StandardizedFeatures, algo_class, algo_kwargs, policy_for, resolve_schedules
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecMonitor
 
@@ -223,7 +223,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         model = cls.load(ckpt, env=monitored, device="cpu", tensorboard_log=str(out / "tb"))
         print(f"[agent] resuming from {ckpt} at {model.num_timesteps} steps")
     else:
-        kwargs = {**algo_kwargs(settings.algo, settings.n_envs, settings.total_timesteps), **settings.algo_kwargs}
+        kwargs = resolve_schedules({**algo_kwargs(settings.algo, settings.n_envs, settings.total_timesteps), **settings.algo_kwargs})
         model = cls(policy_name, monitored, policy_kwargs=policy_kwargs, seed=settings.seed, device="cpu",
                     tensorboard_log=str(out / "tb"), verbose=0, **kwargs)
     log = EvalLog(out / "eval.csv")

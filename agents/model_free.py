@@ -23,7 +23,7 @@ from sfv_world.agents.evaluation import (
     make_real_pixel_env,
 )
 from sfv_world.agents.imagination import AgentSettings, EvalLog, RealEvalCallback
-from sfv_world.agents.policies import algo_class, algo_kwargs, policy_for
+from sfv_world.agents.policies import algo_class, algo_kwargs, policy_for, resolve_schedules
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -52,7 +52,7 @@ def train_model_free(env_cfg: Any, spec: ObservationSpec, real_steps: int, out_d
     if ckpt.exists():
         model = cls.load(ckpt, env=venv, device="cpu", tensorboard_log=str(out / "tb"))
     else:
-        kwargs = {**algo_kwargs(settings.algo, int(n_envs), int(real_steps)), **settings.algo_kwargs}
+        kwargs = resolve_schedules({**algo_kwargs(settings.algo, int(n_envs), int(real_steps)), **settings.algo_kwargs})
         model = cls(policy_name, venv, policy_kwargs=policy_kwargs, seed=settings.seed, device="cpu",
                     tensorboard_log=str(out / "tb"), verbose=0, **kwargs)
 

@@ -123,3 +123,27 @@ def algo_kwargs(algo: str, n_envs: int, total_timesteps: int) -> dict[str, Any]:
                 "train_freq": 4, "target_update_interval": 1000, "exploration_fraction": 0.2,
                 "optimize_memory_usage": False}
     raise ValueError(f"agent.algo must be one of {ALGOS}, got {algo!r}")
+
+
+SCHEDULE_KEYS = ("learning_rate", "clip_range")
+
+
+def resolve_schedules(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """SB3 keyword arguments with ``"lin_<value>"`` strings (rl-zoo's notation) for ``learning_rate`` or
+    ``clip_range`` turned into SB3's linear schedule from ``value`` at the start to 0 at the end
+    (``stable_baselines3.common.utils.LinearSchedule``). Other values pass through unchanged."""
+    from stable_baselines3.common.utils import LinearSchedule
+
+    out = dict(kwargs)
+    for key in SCHEDULE_KEYS:
+        value = out.get(key)
+        if isinstance(value, str):
+            try:
+                if not value.startswith("lin_"):
+                    raise ValueError
+                start = float(value[4:])
+            except ValueError:
+                raise ValueError(f"agent.algo_kwargs.{key}={value!r}: expected a number or 'lin_<number>' "
+                                 f"(linear decay to 0), e.g. 'lin_1e-3'") from None
+            out[key] = LinearSchedule(start, 0.0, 1.0)
+    return out

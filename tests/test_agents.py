@@ -91,6 +91,27 @@ def test_a2c_with_latent_observations(cartpole, tmp_path):
     np.testing.assert_allclose(extractor.std.numpy(), std, rtol=1e-5, atol=1e-6)
 
 
+def test_linear_schedules_in_algo_kwargs(cartpole, tmp_path) -> None:
+    from sfv_world.agents.policies import resolve_schedules
+
+    kw = resolve_schedules({"learning_rate": "lin_1e-3", "clip_range": "lin_0.2", "gamma": 0.98, "n_steps": 16})
+    assert kw["learning_rate"](1.0) == pytest.approx(1e-3) and kw["learning_rate"](0.25) == pytest.approx(2.5e-4)
+    assert kw["clip_range"](0.5) == pytest.approx(0.1) and kw["gamma"] == 0.98 and kw["n_steps"] == 16
+    assert resolve_schedules({"learning_rate": 3e-4}) == {"learning_rate": 3e-4}
+    for bad in ("1e-3", "lin_fast", "cos_1e-3"):
+        with pytest.raises(ValueError, match=r"agent.algo_kwargs.learning_rate=.*expected a number or 'lin_<number>'"):
+            resolve_schedules({"learning_rate": bad})
+    # PPO in the dream with both schedules: the learning rate decays as SB3 trains
+    train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, small(
+        total_timesteps=256, eval_every=256,
+        algo_kwargs={"n_steps": 16, "batch_size": 64, "n_epochs": 1, "learning_rate": "lin_1e-3", "clip_range": "lin_0.2"}))
+    from stable_baselines3 import PPO
+
+    model = PPO.load(tmp_path / "policy.zip", device="cpu")
+    assert model.lr_schedule(0.5) == pytest.approx(5e-4)
+    assert model.policy.optimizer.param_groups[0]["lr"] < 1e-3  # decayed over the two rollouts
+
+
 def test_standardized_features() -> None:
     import gymnasium as gym
     import torch
