@@ -10,6 +10,7 @@ policy and the world model are called once per step for all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -118,8 +119,8 @@ def evaluate_real(
     n = int(episodes)
     if n < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    spec.check_env(env_cfg)
-    envs = [ResizeObservation(make_pixel_env(env_cfg, spec.stored_frame_size), spec.model_frame_size) for _ in range(n)]
+    single = dataclasses.replace(spec, frame_stack=1)  # frames are stacked here, for all episodes at once
+    envs = [make_real_pixel_env(env_cfg, single) for _ in range(n)]
     frames = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])  # [N, h, w, C]
     returns, lengths = np.zeros(n), np.zeros(n, dtype=np.int64)
     active = np.ones(n, dtype=bool)
