@@ -50,6 +50,7 @@ class AgentSettings:
     context_frames: int = 4
     context_start: str = "random"
     termination: str = "threshold"
+    termination_threshold: float = 0.5
     seed: int = 0
     device: str = "cpu"
     sampler: dict[str, Any] = field(default_factory=dict)
@@ -190,7 +191,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     venv = DreamSB3VecEnv(
         checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, frame_stack=settings.frame_stack,
         horizon=settings.horizon, context_frames=settings.context_frames, context_start=settings.context_start,
-        termination=settings.termination,
+        termination=settings.termination, termination_threshold=settings.termination_threshold,
         sampler=settings.sampler or None,
         device=settings.device,
     )

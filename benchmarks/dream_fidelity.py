@@ -54,11 +54,11 @@ def real_lengths(env_id: str, policy: str, episodes: int, horizon: int, seed: in
 
 
 def dream_lengths(checkpoint: str, policy: str, episodes: int, horizon: int, seed: int, num_envs: int,
-                  termination: str) -> tuple[np.ndarray, float]:
+                  termination: str, sampler: dict | None = None) -> tuple[np.ndarray, float]:
     from sfv_world.envs.sb3 import DreamSB3VecEnv
 
     venv = DreamSB3VecEnv(checkpoint, num_envs=num_envs, obs_mode="latent", horizon=horizon, context_frames=4,
-                          context_start="episode_start", termination=termination)
+                          context_start="episode_start", termination=termination, sampler=sampler)
     venv.seed(seed)
     venv.reset()
     rng = np.random.default_rng(seed)
@@ -86,7 +86,10 @@ def main() -> None:
     p.add_argument("--termination", default="threshold", choices=("threshold", "sample"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="sampler temperature (default: the checkpoint's)")
+    p.add_argument("--name", default="dream_fidelity", help="results/<name>.json and .md")
     args = p.parse_args()
+    sampler = None if args.temperature is None else {"temperature": args.temperature}
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
     if args.threads:
@@ -95,13 +98,13 @@ def main() -> None:
     for policy in POLICIES:
         real = real_lengths(args.env_id, policy, args.episodes, args.horizon, args.seed)
         dream, rate = dream_lengths(args.checkpoint, policy, args.episodes, args.horizon, args.seed,
-                                    args.num_envs, args.termination)
+                                    args.num_envs, args.termination, sampler)
         rows.append({"policy": policy, "real_mean_length": float(real.mean()), "real_median": float(np.median(real)),
                      "dream_mean_length": float(dream.mean()), "dream_median": float(np.median(dream)),
                      "dream_at_horizon": float((dream >= args.horizon).mean()),
                      "dream_steps_per_s": round(rate, 1)})
     write_results(
-        "dream_fidelity", rows, title="Dream episode lengths vs the real env under fixed policies",
+        args.name, rows, title="Dream episode lengths vs the real env under fixed policies",
         config=vars(args),
         compares=(f"{args.episodes} episodes per policy, truncated at {args.horizon} steps; dream: "
                   f"{args.num_envs} worlds from episode-start contexts, termination `{args.termination}`. "

@@ -123,6 +123,28 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def gather_rows(self, rows: torch.Tensor, n: int) -> "KVCache":
+        """A working copy of ``rows`` (int64 [R]) holding the committed slots and room for n new ones.
+
+        Its k, v are [layers, R, heads, length+n, head_dim] copies; a pass on it writes the n slots
+        [length, length+n) that :meth:`scatter_rows` copies back. Used to run a pass on a subset of
+        rows (Jacobi samples that have not converged) without touching the others.
+        """
+        L = self.length
+        sub = KVCache.__new__(KVCache)
+        sub.k = self.k[:, rows, :, :L + n]
+        sub.v = self.v[:, rows, :, :L + n]
+        sub.key_valid = self.key_valid[rows, :L + n]
+        sub.length = L
+        sub.all_valid = self.all_valid  # a subset of an all-valid cache is all-valid; otherwise mask
+        return sub
+
+    def scatter_rows(self, rows: torch.Tensor, sub: "KVCache", n: int) -> None:
+        """Copy the n uncommitted slots [length, length+n) of ``sub`` (from :meth:`gather_rows`) back."""
+        L = self.length
+        self.k[:, rows, :, L:L + n] = sub.k[:, :, :, L:L + n]
+        self.v[:, rows, :, L:L + n] = sub.v[:, :, :, L:L + n]
+
     def replace_rows(self, rows: torch.Tensor, other: "KVCache", other_rows: torch.Tensor) -> None:
         """Overwrite rows of this cache with other's rows (same committed length required)."""
         if other.length != self.length:
@@ -295,7 +317,9 @@ class FlowBlock(nn.Module):
         """Data -> noise. u [B, N, d] natural order; cos/sin [N, hd/2] for the N slots.
 
         key_valid bool [B, N] | None: False slots are masked keys (start padding).
-        cache: if given (empty), the keys/values of all N slots are written into it and committed.
+        cache: if given, the keys/values of all N slots are written into it at [length, length+N) and
+        committed. It must be empty or hold only masked slots (start padding that was never computed:
+        cos/sin must then be the tables of positions [length, length+N)).
         Returns v [B, N, d] (u's dtype, natural order), logdet [B, N, d] (>= float32, natural order,
         = -ln a), h [B, N, D] final hidden states in slot order.
         """
@@ -303,8 +327,8 @@ class FlowBlock(nn.Module):
         s = self.shift(u_in, sos_mask)
         mask = None if key_valid is None else causal_key_mask(key_valid)
         if cache is not None:
-            if cache.length != 0:
-                raise ValueError("FlowBlock.forward: the cache must be empty")
+            if cache.length and bool(cache.key_valid[:, :cache.length].any()):
+                raise ValueError("FlowBlock.forward: the cache must be empty or hold masked slots only")
             if key_valid is not None:
                 cache.set_valid(key_valid, u.shape[1])
             mask = None if cache.all_valid else cache.attn_mask(u.shape[1])  # empty cache: plain causal

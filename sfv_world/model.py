@@ -293,8 +293,12 @@ class StarFlowV(nn.Module):
         sos_mask[:, ::F] = start_flags(frame_mask)  # the first slot of a sequence-starting frame
         return add, key_valid, sos_mask
 
-    def _forward(self, x_tilde, actions, drop_actions=None, frame_mask=None, cache=None, cfg=False, heads=True):
-        """Shared by forward and encode_context. Returns (FlowOutput of the conditional rows, u)."""
+    def _forward(self, x_tilde, actions, drop_actions=None, frame_mask=None, cache=None, cfg=False, heads=True,
+                 first_frame=0):
+        """Shared by forward and encode_context. Returns (FlowOutput of the conditional rows, u).
+
+        first_frame: RoPE frame index of x_tilde's first frame (encode_context behind masked padding).
+        """
         c = self.config
         B, T = x_tilde.shape[:2]
         F, d = c.tokens_per_frame, c.token_dim
@@ -317,7 +321,7 @@ class StarFlowV(nn.Module):
             tokens, add = torch.cat([tokens, tokens]), torch.cat([add, add_u])
             key_valid = None if key_valid is None else torch.cat([key_valid, key_valid])
             sos_mask = None if sos_mask is None else torch.cat([sos_mask, sos_mask])
-        cos, sin = self.rope(0, T)
+        cos, sin = self.rope(first_frame, T)
         z, logdet_d, h = self.deep(tokens, cos, sin, add, key_valid, sos_mask, cache)
         z, logdet_d, h = z[:B], logdet_d[:B], h[:B]
 
@@ -399,29 +403,41 @@ class StarFlowV(nn.Module):
 
     @torch.no_grad()
     def encode_context(self, x_tilde: torch.Tensor, actions: torch.Tensor, frame_mask: torch.Tensor | None = None,
-                       cfg: bool = False, capacity: int | None = None) -> tuple[GenerationState, FlowOutput]:
+                       cfg: bool = False, capacity: int | None = None, pad_frames: int = 0
+                       ) -> tuple[GenerationState, FlowOutput]:
         """One forward pass over a context clip that fills D's per-layer KV caches.
 
         x_tilde [B, T0, C, H, W]; actions [B, T0-1(, k)]; frame_mask bool [B, T0] | None (left
         padding); cfg: also encode the unconditional (NULL-action) half for guided generation;
         capacity: frames the state can hold (default max_frames). Returns (state, FlowOutput of the
         context, conditional half). The state's frame indices restart at 0 (RoPE is relative).
+
+        pad_frames P: the state starts with P masked padding frames that are never computed (their
+        cache slots are masked keys; their history repeats the first frame), so it holds P + T0
+        frames -- the same state as encoding the clip left-padded with P masked frames, at the cost
+        of T0 frames (a per-row reset that must match the other rows' length).
         """
         B, T0 = x_tilde.shape[:2]
+        P = int(pad_frames)
         capacity = capacity or self.config.max_frames
-        if T0 > capacity:
-            raise ValueError(f"encode_context: {T0} context frames > capacity {capacity}")
+        if P < 0 or P + T0 > capacity:
+            raise ValueError(f"encode_context: {P} padding + {T0} context frames must fit capacity {capacity}")
         state = self.empty_state(B, capacity, cfg)
-        out, u = self._forward(x_tilde, actions, None, frame_mask, state.cache, cfg)
+        if P:
+            cache = state.cache
+            cache.set_valid(torch.zeros(cache.batch, dtype=torch.bool, device=x_tilde.device), P * self.config.tokens_per_frame)
+            cache.advance(P * self.config.tokens_per_frame)
+        out, u = self._forward(x_tilde, actions, None, frame_mask, state.cache, cfg, first_frame=P)
         fm = torch.ones(B, T0, dtype=torch.bool, device=x_tilde.device) if frame_mask is None else frame_mask
         state.last_token = u[:, -1, -1].clone()
         state.last_valid = fm[:, -1].clone()
         state.prev_tokens = u[:, -1].clone()
-        state.num_frames = T0
-        state.history_x[:, :T0] = x_tilde
+        state.num_frames = P + T0
+        state.history_x[:, :P] = x_tilde[:, :1]
+        state.history_x[:, P:P + T0] = x_tilde
         if T0 > 1:
-            state.history_a[:, :T0 - 1] = actions.to(state.history_a.dtype)
-        state.history_mask[:, :T0] = fm
+            state.history_a[:, P:P + T0 - 1] = actions.to(state.history_a.dtype)
+        state.history_mask[:, P:P + T0] = fm
         return state, out
 
     @torch.no_grad()

@@ -37,6 +37,11 @@ class JacobiConfig:
                       (the release's rule, STARFLOW_V.md §5.3). With the warm start most tokens of a
                       chunk barely move, so the mean rule stops while a moving object is still wrong
                       (measured: max abs error 2.1 on a briefly trained 64x64 model at tau = 1e-3).
+    compact:          once at most this fraction of the batch's samples is still iterating, a pass
+                      runs on those rows only (their KV-cache rows gathered, the new slots scattered
+                      back) instead of on the whole batch; 0 disables it. Converged samples are then
+                      left at their last pass (values within tau of the fixed point) rather than
+                      recomputed from the frozen values.
     """
 
     block_size_first: int = 16
@@ -45,10 +50,13 @@ class JacobiConfig:
     max_iter: int = 32
     warm_start: bool = True
     criterion: str = "token"
+    compact: float = 0.5
 
     def __post_init__(self):
         if self.criterion not in ("token", "mean"):
             raise ValueError(f"JacobiConfig.criterion={self.criterion!r}: expected 'token' or 'mean'")
+        if not 0.0 <= float(self.compact) <= 1.0:
+            raise ValueError(f"JacobiConfig.compact={self.compact!r}: expected a fraction in [0, 1]")
         if self.block_size_first < 1 or self.block_size < 1:
             raise ValueError("JacobiConfig: block sizes must be >= 1")
 
@@ -58,7 +66,8 @@ class JacobiConfig:
         missing = [k for k in JACOBI_KEYS if k not in d]
         if missing:
             raise ValueError(f"JacobiConfig: missing keys {missing}")
-        return cls(**{k: d[k] for k in JACOBI_KEYS}, **({"criterion": d["criterion"]} if "criterion" in d else {}))
+        optional = {k: d[k] for k in ("criterion", "compact") if k in d}
+        return cls(**{k: d[k] for k in JACOBI_KEYS}, **optional)
 
 
 @dataclass
@@ -92,6 +101,33 @@ def _affine_step(block: FlowBlock, s: torch.Tensor, add: torch.Tensor | None, co
     a_c, a_u, b_c, b_u = a[:B], a[B:], b[:B], b[B:]
     mu, sigma = guidance(b_c, a_c, b_u, a_u, cfg_scale) if cfg_scale != 0 else (b_c, a_c)
     return mu, sigma, a_c, b_c, h[:B]
+
+
+def _affine_step_rows(block: FlowBlock, s: torch.Tensor, add: torch.Tensor | None, cos, sin, cache: KVCache,
+                      cfg: bool, cfg_scale: float, rows: torch.Tensor):
+    """`_affine_step` for the samples `rows` (int64 [R]) only: s [R, n, d] holds their slot inputs.
+
+    Their cache rows ([cond; uncond] halves with CFG) are gathered into a working copy and the n new
+    slots are scattered back; the other rows' cache entries are untouched. Returns [R, ...] tensors.
+    """
+    B = cache.batch // 2 if cfg else cache.batch
+    cache_rows = torch.cat([rows, rows + B]) if cfg else rows
+    if add is not None and add.shape[0] > 1:
+        add = add[cache_rows]
+    sub = cache.gather_rows(cache_rows, s.shape[1])
+    out = _affine_step(block, s, add, cos, sin, sub, cfg, cfg_scale)
+    cache.scatter_rows(cache_rows, sub, s.shape[1])
+    return out
+
+
+def _iterating_rows(active: torch.Tensor, compact: float) -> torch.Tensor | None:
+    """Indices of the active samples if a compacted pass pays off (few enough of them), else None."""
+    if compact <= 0:
+        return None
+    count = int(active.sum())
+    if count == active.numel() or count > compact * active.numel():
+        return None
+    return torch.nonzero(active).squeeze(1)
 
 
 def invert_sequential(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torch.Tensor,
@@ -129,9 +165,10 @@ def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torc
       u_<j), so pass k recomputes only slots [k, m) and commits slot k's cache entry; after m
       passes the whole chunk is exact and the chunk ends whatever the threshold.
     - Per sample: once a sample's relative change (`JacobiConfig.criterion`) is <= threshold its
-      chunk values are frozen (later passes then recompute its cache
-      entries from the committed values). The chunk ends when every sample has converged or
-      after max_iter passes.
+      chunk values are frozen (later whole-batch passes then recompute its cache entries from the
+      committed values). The chunk ends when every sample has converged or after max_iter passes.
+    - Compaction: once at most `JacobiConfig.compact` of the samples still iterate, passes run on
+      those rows only; the converged ones keep the cache entries, a, b and h of their last pass.
     - KV rollback: uncommitted cache slots are simply overwritten by the next pass.
     Commits n slots.
     """
@@ -153,22 +190,30 @@ def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torc
             prev = first[:, None] if start + k == 0 else u[:, start + k - 1:start + k]  # [B, 1, d], exact
             old = u[:, sl]
             s = torch.cat([prev, old[:, :-1]], dim=1)  # [B, m-k, d]
-            mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[sl], sin[sl], cache, cfg, cfg_scale)
+            active = ~done
+            rows = _iterating_rows(active, config.compact)
+            if rows is None:  # every sample (converged ones recompute from their frozen values)
+                r = slice(None)
+                mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[sl], sin[sl], cache, cfg, cfg_scale)
+            else:  # only the R samples still iterating: [R, m-k, ...]
+                r = rows
+                mu, sigma, a_c, b_c, h = _affine_step_rows(block, s[rows], add, cos[sl], sin[sl], cache, cfg,
+                                                           cfg_scale, rows)
             passes += 1
-            new = mu + sigma * v[:, sl]  # (>= float32)
+            old = old[r]
+            new = mu + sigma * v[r, sl]  # (>= float32)
             if h_all is None:
                 h_all = torch.empty(B, n, h.shape[-1], dtype=h.dtype, device=h.device)
-            a_all[:, sl], b_all[:, sl], h_all[:, sl] = a_c, b_c, h
-            active = ~done
+            a_all[r, sl], b_all[r, sl], h_all[r, sl] = a_c, b_c, h
             iters += active
-            change = (new - old.to(new.dtype)).square().mean(2)  # [B, m-k] per token
-            u[:, sl] = torch.where(active[:, None, None], new.to(u.dtype), old)
-            scale = u[:, start:start + m].to(new.dtype).square().mean((1, 2)).clamp_min(1e-30)  # [B]
+            change = (new - old.to(new.dtype)).square().mean(2)  # [R, m-k] per token
+            u[r, sl] = torch.where(active[r, None, None], new.to(u.dtype), old)
+            scale = u[r, start:start + m].to(new.dtype).square().mean((1, 2)).clamp_min(1e-30)  # [R]
             if config.criterion == "token":
                 delta = change.amax(1) / scale
             else:  # mean over the whole chunk (its exact prefix has not changed)
                 delta = change.sum(1) / m / scale
-            done = done | (delta <= config.threshold)
+            done[r] = done[r] | (delta <= config.threshold)
             if k == m - 1 or bool(done.all()):
                 break
             cache.advance(1)  # slot start+k is exact: commit its cache entry

@@ -52,6 +52,7 @@ SAMPLER_DEFAULTS: dict[str, Any] = {
     "max_iter": 32,
     "warm_start": True,
     "criterion": "token",
+    "compact": 0.5,
     "cfg": 0.0,
     "temperature": 1.0,
     "denoise": "auto",
@@ -392,7 +393,7 @@ class WorldRuntime:
     def _reset_rows(self, rows: torch.Tensor, x_tilde: torch.Tensor, a: torch.Tensor, cfg: bool):
         """Restart ``rows`` with context (x_tilde [R, k], a [R, k-1]); returns (nll [R, k], features [R, D])."""
         state = self.state
-        L, k, R = state.num_frames, x_tilde.shape[1], x_tilde.shape[0]
+        L, k = state.num_frames, x_tilde.shape[1]
         if k > L:
             # the new context is longer than the others' history: bring every row to k frames
             # (others left-padded), one forward pass over the whole batch
@@ -405,17 +406,12 @@ class WorldRuntime:
             x_all[rows], a_all[rows], m_all[rows] = x_tilde, a.to(a_all.dtype), True
             self.state, out = self.flow.encode_context(x_all, a_all, m_all, cfg=cfg, capacity=self.context_window)
             return out.nll[rows], out.features[rows, -1]
-        # left-pad the new context to the others' length L (masked frames repeat the first real one,
-        # so the denoiser's window never sees an empty frame) and splice the rows in
-        pad = L - k
-        xp = torch.cat([x_tilde[:, :1].expand(R, pad, *x_tilde.shape[2:]), x_tilde], 1)
-        ap = torch.zeros((R, L - 1, *a.shape[2:]), dtype=a.dtype, device=self.device)
-        ap[:, pad:] = a
-        mp = torch.zeros(R, L, dtype=torch.bool, device=self.device)
-        mp[:, pad:] = True
-        new, out = self.flow.encode_context(xp, ap, mp, cfg=cfg, capacity=self.context_window)
+        # left-pad the new context to the others' length L with masked frames that are never computed
+        # (their history repeats the first real frame, so the denoiser's window never sees an empty
+        # frame) and splice the rows in
+        new, out = self.flow.encode_context(x_tilde, a, cfg=cfg, capacity=self.context_window, pad_frames=L - k)
         state.replace_rows(rows, new)
-        return out.nll[:, pad:], out.features[:, -1]
+        return out.nll, out.features[:, -1]
 
     # -- step -----------------------------------------------------------------------------------------
 

@@ -112,6 +112,19 @@ def test_linear_schedules_in_algo_kwargs(cartpole, tmp_path) -> None:
     assert model.policy.optimizer.param_groups[0]["lr"] < 1e-3  # decayed over the two rollouts
 
 
+def test_termination_threshold_ends_imagined_episodes_earlier(cartpole, tmp_path):
+    """agent.termination_threshold reaches the dream: a threshold below the head's probability
+    (sigmoid(-3) ~ 0.05 on this checkpoint) ends every imagined episode after one step."""
+    lengths = {}
+    for thr in (0.5, 1e-3):
+        train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path / str(thr),
+                             small(total_timesteps=256, eval_every=256, termination_threshold=thr))
+        lengths[thr] = read_eval_csv(tmp_path / str(thr) / "eval.csv")["imagined_length_mean"][-1]
+    assert lengths[1e-3] == 1.0 and lengths[0.5] > 1.0
+    with pytest.raises(ValueError, match="termination_threshold"):
+        train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path / "bad", small(termination_threshold=1.5))
+
+
 def test_standardized_features() -> None:
     import gymnasium as gym
     import torch

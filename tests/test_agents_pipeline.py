@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
 from sfv_world.apps.cli import compose
 
@@ -98,3 +99,15 @@ def test_finetune_iterations_continue_the_previous_world_model(tmp_path):
     assert two.train.init_from == str(tmp_path / "iter1" / "checkpoints" / "last.pt")
     assert two.checkpoint == str(tmp_path / "iter2" / "checkpoints" / "last.pt")
     assert one.train.warmup_steps <= 4 and two.agent.total_timesteps == 3 * cfg.agent.total_timesteps
+
+
+def test_agent_restart_iterations_keep_one_iterations_budget(tmp_path):
+    from sfv_world.apps.pipeline import agent_warm_start, iteration_cfg
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    assert agent_warm_start(cfg), "default: continue the previous agent"
+    cfg.pipeline.agent_warm_start = False
+    assert iteration_cfg(cfg, 2).agent.total_timesteps == cfg.agent.total_timesteps
+    cfg.pipeline.agent_warm_start = "yes"
+    with pytest.raises(ValueError, match="pipeline.agent_warm_start"):
+        agent_warm_start(cfg)

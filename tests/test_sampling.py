@@ -82,6 +82,44 @@ def test_jacobi_convergence_is_per_sample():
     assert batch.passes == int(batch.iterations.max())
 
 
+@pytest.mark.parametrize("cfg,w", [(False, 0.0), (True, 1.5)])
+def test_jacobi_compaction_runs_late_passes_on_iterating_rows_only(cfg, w, monkeypatch):
+    """Compacted passes (only the rows still iterating) give the same frames and iterations as
+    whole-batch passes, and a next frame that agrees to tau's level."""
+    from sfv_world.flow import KVCache
+
+    m = random_model()
+    x, a = random_clip(m.config, B=4, T=2)
+    vs = noises(4, 2, torch.float64)
+    for v in vs:
+        v *= torch.tensor([1.0, 3.0, 0.3, 2.0], dtype=v.dtype)[:, None, None]  # rows converge at different passes
+    acts = [torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1, 0, 2])]
+    gathered = []
+    real_gather = KVCache.gather_rows
+    monkeypatch.setattr(KVCache, "gather_rows", lambda self, rows, n: gathered.append(len(rows)) or real_gather(self, rows, n))
+    runs = {}
+    for compact in (0.0, 1.0):
+        jc = JacobiConfig(block_size_first=16, block_size=16, threshold=1e-6, max_iter=32, compact=compact)
+        gathered.clear()
+        runs[compact] = (rollout(m, x, a, vs, acts, "jacobi", jc, cfg=cfg, w=w), list(gathered))
+    (whole, g0), (compacted, g1) = runs[0.0], runs[1.0]
+    assert g0 == [] and g1 and all(n < (8 if cfg else 4) for n in g1)  # some passes ran on fewer rows
+    first_w, first_c = whole[0], compacted[0]
+    assert torch.equal(first_w.iterations, first_c.iterations)
+    assert (first_w.x_tilde - first_c.x_tilde).abs().max() < 1e-9  # frozen values are the same either way
+    assert (first_w.features - first_c.features).abs().max() < 1e-2
+    # the second frame reads the KV entries the compacted passes left for converged rows
+    scale = whole[1].x_tilde.abs().max()
+    assert (whole[1].x_tilde - compacted[1].x_tilde).abs().max() / scale < 1e-3
+
+
+def test_jacobi_compact_fraction_is_checked():
+    with pytest.raises(ValueError, match="compact"):
+        JacobiConfig(compact=1.5)
+    d = {"block_size_first": 4, "block_size": 8, "threshold": 0.0, "max_iter": 9, "warm_start": True, "compact": 0.25}
+    assert JacobiConfig.from_dict(d).compact == 0.25
+
+
 @pytest.mark.parametrize("method", ["sequential", "jacobi"])
 def test_sampling_prefix_property(method):
     m = random_model()
@@ -145,6 +183,31 @@ def test_replace_rows_matches_encoding_the_row_alone():
     s_b = m.flow.generate_frame(state, act, noise=v2, method="sequential")
     s1_b = m.flow.generate_frame(alone, act[1:2], noise=v2[1:2], method="sequential")
     assert (s_b.x_tilde[1] - s1_b.x_tilde[0]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("cfg,w", [(False, 0.0), (True, 1.5)])
+def test_pad_frames_equal_explicit_masked_padding(cfg, w):
+    """encode_context(pad_frames=P) skips the P padding frames yet gives the state of the padded clip."""
+    m = random_model()
+    x, a = random_clip(m.config, B=2, T=2, seed=5)
+    P = 3
+    pad_x = torch.cat([x[:, :1].expand(2, P, *x.shape[2:]), x], 1)
+    pad_a = torch.cat([torch.zeros(2, P, dtype=a.dtype), a], 1)
+    mask = torch.tensor([[False] * P + [True] * 2] * 2)
+    padded, out_pad = m.flow.encode_context(pad_x, pad_a, frame_mask=mask, cfg=cfg)
+    skipped, out_skip = m.flow.encode_context(x, a, cfg=cfg, pad_frames=P)
+    assert skipped.num_frames == padded.num_frames == P + 2
+    assert torch.equal(skipped.history_mask, padded.history_mask)
+    assert torch.equal(skipped.history_x, padded.history_x)
+    assert torch.allclose(out_skip.nll, out_pad.nll[:, P:], atol=1e-9, rtol=0)
+    assert torch.allclose(out_skip.features, out_pad.features[:, P:], atol=1e-9, rtol=0)
+    (v,) = noises(2, 1, torch.float64)
+    act = torch.tensor([1, 2])
+    g_pad = m.flow.generate_frame(padded, act, noise=v, method="sequential", cfg_scale=w)
+    g_skip = m.flow.generate_frame(skipped, act, noise=v, method="sequential", cfg_scale=w)
+    assert (g_pad.x_tilde - g_skip.x_tilde).abs().max() < 1e-9 and (g_pad.nll - g_skip.nll).abs().max() < 1e-7
+    with pytest.raises(ValueError, match="must fit capacity"):
+        m.flow.encode_context(x, a, pad_frames=m.config.max_frames - 1)
 
 
 def test_replace_rows_rejects_mismatched_states():

@@ -158,7 +158,9 @@ def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
     if it == 0:
         return cfg
     rd = Path(cfg.run_dir) / f"iter{it}"
-    updates: dict[str, Any] = {"agent.total_timesteps": int(cfg.agent.total_timesteps) * (it + 1)}
+    updates: dict[str, Any] = {}
+    if agent_warm_start(cfg):  # the agent continues: its step budget grows by one iteration's worth
+        updates["agent.total_timesteps"] = int(cfg.agent.total_timesteps) * (it + 1)
     finetune = OmegaConf.select(cfg, "pipeline.finetune_steps", default=None)
     if finetune:  # continue the previous iteration's world model on the merged data instead of retraining
         prev = cfg.checkpoint if it == 1 else Path(cfg.run_dir) / f"iter{it - 1}" / "checkpoints" / "last.pt"
@@ -167,6 +169,14 @@ def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
                         "train.eval_every": min(int(cfg.train.eval_every), int(finetune))})
     return _with(cfg, run_dir=str(rd), dataset=str(rd / "data" / str(cfg.env.name)),
                  checkpoint=str(rd / "checkpoints" / "last.pt"), **updates)
+
+
+def agent_warm_start(cfg: DictConfig) -> bool:
+    """``pipeline.agent_warm_start``: later iterations continue the previous agent (default) or start afresh."""
+    value = OmegaConf.select(cfg, "pipeline.agent_warm_start", default=True)
+    if not isinstance(value, bool):
+        raise ValueError(f"pipeline.agent_warm_start must be true or false, got {value!r}")
+    return value
 
 
 def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_real_frames: int) -> dict[str, Any]:
@@ -514,7 +524,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (episodes collected by the agent per iteration, default ``collect.episodes``), ``pipeline.epsilon``
     (0.1), ``pipeline.max_real_frames`` (50,000: the real-frame budget over all iterations),
     ``pipeline.finetune_steps`` (null: retrain the world model from scratch each iteration; N: continue
-    the previous one for N steps on the merged data).
+    the previous one for N steps on the merged data), ``pipeline.agent_warm_start`` (true: continue the
+    previous iteration's agent; false: train a fresh one on the new world model).
     """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +548,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         results[f"collect@{it}"] = stages.run(f"collect@{it}", partial(stage_collect_with_agent, prev, cur, it, max_frames))
         results[f"train@{it}"] = stages.run(f"train@{it}", partial(stage_train, cur))
-        warm = agent_dirs(prev)["imagination"] / "checkpoint.zip"
+        warm = agent_dirs(prev)["imagination"] / "checkpoint.zip" if agent_warm_start(cfg) else None
         results[f"agent@{it}"] = stages.run(f"agent@{it}", partial(stage_agent, cur, warm_start=warm))
         final = cur
     results["quality"] = stages.run("quality", lambda: stage_quality(final))
