@@ -68,9 +68,11 @@ def random_cpu_demo_checkpoint(folder: Path) -> Path:
 # for the shallow blocks (block_size_first=1, which only the shallow blocks and a context-free first
 # frame use): on CPU a 1-token chunk costs what a sequential step costs and is exact, while a whole-frame
 # shallow chunk recomputes every slot on every iteration.
+# "jacobi-full": every Jacobi pass over the whole batch (compact=0), for the gain of compaction.
 VARIANTS = {
     "jacobi": {"method": "jacobi"},
     "jacobi-bj1": {"method": "jacobi", "block_size_first": 1},
+    "jacobi-full": {"method": "jacobi", "compact": 0.0},
     "sequential": {"method": "sequential"},
 }
 

@@ -123,7 +123,7 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def gather_rows(self, rows: torch.Tensor, n: int) -> "KVCache":
+    def gather_rows(self, rows: torch.Tensor, n: int) -> KVCache:
         """A working copy of ``rows`` (int64 [R]) holding the committed slots and room for n new ones.
 
         Its k, v are [layers, R, heads, length+n, head_dim] copies; a pass on it writes the n slots
@@ -139,7 +139,7 @@ class KVCache:
         sub.all_valid = self.all_valid  # a subset of an all-valid cache is all-valid; otherwise mask
         return sub
 
-    def scatter_rows(self, rows: torch.Tensor, sub: "KVCache", n: int) -> None:
+    def scatter_rows(self, rows: torch.Tensor, sub: KVCache, n: int) -> None:
         """Copy the n uncommitted slots [length, length+n) of ``sub`` (from :meth:`gather_rows`) back."""
         L = self.length
         self.k[:, rows, :, L:L + n] = sub.k[:, :, :, L:L + n]
