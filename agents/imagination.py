@@ -28,7 +28,7 @@ import numpy as np
 from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
 from sfv_world.agents.policies import StandardizedFeatures, algo_class, algo_kwargs, policy_for, resolve_schedules
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.vec_env import VecMonitor
+from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor
 
 EVAL_FIELDS = ["timesteps", "imagined_return_mean", "imagined_length_mean", "real_return_mean", "real_return_std",
                "real_length_mean", "wall_s"]
@@ -56,6 +56,7 @@ class AgentSettings:
     sampler: dict[str, Any] = field(default_factory=dict)
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
     ood_truncate: bool = False  # truncate imagined episodes the world model flags as OOD (sfv_world.envs.ood)
+    action_noise: float = 0.0  # probability that the dream executes a uniformly random action instead of the agent's
 
     @classmethod
     def from_config(cls, agent_cfg: Any, **extra: Any) -> AgentSettings:
@@ -68,6 +69,8 @@ class AgentSettings:
     def validate(self) -> None:
         if self.total_timesteps < 1 or self.n_envs < 1 or self.eval_every < 1 or self.eval_episodes < 1:
             raise ValueError(f"agent: total_timesteps, n_envs, eval_every, eval_episodes must be >= 1: {self}")
+        if not 0.0 <= float(self.action_noise) <= 1.0:
+            raise ValueError(f"agent.action_noise must be a probability in [0, 1], got {self.action_noise}")
         policy_for(self.obs_mode, _dummy_space(self.obs_mode), self.policy)
         algo_class(self.algo)
 
@@ -78,6 +81,34 @@ def _dummy_space(obs_mode: str):
     if obs_mode == "pixels":
         return gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
     return gym.spaces.Box(-np.inf, np.inf, (8,), np.float32)
+
+
+class RandomActionVecEnv(VecEnvWrapper):
+    """Each env executes a uniformly random action instead of the agent's with probability ``p``.
+
+    Robustness training (``agent.action_noise``): the agent must keep a margin from which it can
+    recover from perturbations. The learner still records the action it chose; the real-env
+    evaluation is noise-free.
+    """
+
+    def __init__(self, venv, p: float, seed: int = 0):
+        super().__init__(venv)
+        self.p = float(p)
+        self.rng = np.random.default_rng(seed)
+        self.action_space.seed(int(self.rng.integers(0, 2**31)))
+
+    def step_async(self, actions: np.ndarray) -> None:
+        actions = np.array(actions, copy=True)
+        swap = self.rng.random(self.num_envs) < self.p
+        for i in np.flatnonzero(swap):
+            actions[i] = self.action_space.sample()
+        self.venv.step_async(actions)
+
+    def step_wait(self):
+        return self.venv.step_wait()
+
+    def reset(self):
+        return self.venv.reset()
 
 
 class EvalLog:
@@ -220,6 +251,8 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         monitored = VecMonitor(OODTruncationVecEnv(venv))
     else:
         monitored = VecMonitor(venv)
+    if settings.action_noise > 0:
+        monitored = RandomActionVecEnv(monitored, settings.action_noise, seed=settings.seed)
     if ckpt.exists():
         model = cls.load(ckpt, env=monitored, device="cpu", tensorboard_log=str(out / "tb"))
         print(f"[agent] resuming from {ckpt} at {model.num_timesteps} steps")

@@ -125,6 +125,35 @@ def test_termination_threshold_ends_imagined_episodes_earlier(cartpole, tmp_path
         train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path / "bad", small(termination_threshold=1.5))
 
 
+def test_action_noise_replaces_a_fraction_of_the_dream_actions():
+    """agent.action_noise: the dream executes random actions with that probability, seeded."""
+    import gymnasium as gym
+    from sfv_world.agents.imagination import RandomActionVecEnv
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    executed = []
+
+    class Recorder(gym.Wrapper):
+        def step(self, action):
+            executed.append(int(action))
+            return self.env.step(action)
+
+    def run(p, seed):
+        executed.clear()
+        venv = RandomActionVecEnv(DummyVecEnv([lambda: Recorder(gym.make("CartPole-v1"))] * 4), p, seed=seed)
+        venv.reset()
+        for _ in range(500):
+            venv.step(np.ones(4, dtype=np.int64))  # the agent always chooses 1
+        return np.array(executed)
+
+    none, half, again = run(0.0, 0), run(0.5, 0), run(0.5, 0)
+    assert (none == 1).all()
+    assert 0.2 < (half == 0).mean() < 0.3  # half the actions are random, half of those are 0
+    np.testing.assert_array_equal(half, again)
+    with pytest.raises(ValueError, match="agent.action_noise"):
+        small(action_noise=1.5).validate()
+
+
 def test_standardized_features() -> None:
     import gymnasium as gym
     import torch
