@@ -423,10 +423,10 @@ class StarFlowV(nn.Module):
         if P < 0 or P + T0 > capacity:
             raise ValueError(f"encode_context: {P} padding + {T0} context frames must fit capacity {capacity}")
         state = self.empty_state(B, capacity, cfg)
-        if P:
-            cache = state.cache
-            cache.set_valid(torch.zeros(cache.batch, dtype=torch.bool, device=x_tilde.device), P * self.config.tokens_per_frame)
-            cache.advance(P * self.config.tokens_per_frame)
+        if P:  # masked keys that no query will see: nothing to compute
+            cache, n_pad = state.cache, P * self.config.tokens_per_frame
+            cache.set_valid(torch.zeros(cache.batch, dtype=torch.bool, device=x_tilde.device), n_pad)
+            cache.advance(n_pad)
         out, u = self._forward(x_tilde, actions, None, frame_mask, state.cache, cfg, first_frame=P)
         fm = torch.ones(B, T0, dtype=torch.bool, device=x_tilde.device) if frame_mask is None else frame_mask
         state.last_token = u[:, -1, -1].clone()
