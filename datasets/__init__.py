@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sfv_world.datasets.collect import CollectStats, collect, get_frame
+from sfv_world.datasets.collect import BatchPolicy, CollectStats, collect, collect_batched, get_frame
 from sfv_world.datasets.format import (
     SCHEMA_VERSION,
     DatasetError,
@@ -28,7 +28,8 @@ from sfv_world.datasets.spaces import deserialize_space, serialize_space
 
 __all__ = [
     "SCHEMA_VERSION", "DatasetError", "DatasetReader", "Episode", "EpisodeWriter", "partial_path_for",
-    "CollectStats", "collect", "get_frame", "Policy", "RandomPolicy", "StickyRandomPolicy",
+    "BatchPolicy", "CollectStats", "collect", "collect_batched", "get_frame", "Policy", "RandomPolicy",
+    "StickyRandomPolicy",
     "SB3EpsilonGreedyPolicy", "area_resize", "area_resize_reference", "preprocess_frame",
     "serialize_space", "deserialize_space", "ClipDataset", "split_episodes",
 ]

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
@@ -166,4 +166,167 @@ def collect(env: gym.Env, path: str | os.PathLike, policy: Policy, *, episodes: 
             bar.update(n if max_frames is not None else 1)
             bar.set_postfix(episodes=stats.episodes, frames=stats.transitions,
                             mean_return=f"{np.mean(stats.returns):.2f}")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# lock-step collection over N envs (a policy that is cheaper per frame in a batch, e.g. one that runs
+# a world model to compute its observations)
+
+
+@runtime_checkable
+class BatchPolicy(Protocol):
+    """What :func:`collect_batched` needs from a policy acting on N envs in lock-step.
+
+    Row i of every array belongs to env i. A row whose episode has ended and that starts no new one is
+    still passed along (with its last frame) and its action is ignored.
+    """
+
+    name: str
+
+    def start(self, rows: np.ndarray, frames: np.ndarray, seeds: list[int]) -> None:
+        """Episodes begin in ``rows`` (int64 [R]) at preprocessed frames uint8 [R, H, W, C], episode
+        ``seeds`` [R] (re-seed the rows' randomness from them for reproducibility)."""
+
+    def act(self) -> np.ndarray:
+        """Actions for every row's current frame: [N] (Discrete) or [N, A] (Box)."""
+
+    def advance(self, frames: np.ndarray, actions: np.ndarray) -> None:
+        """Every row took ``actions`` and now shows ``frames`` uint8 [N, H, W, C]."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description stored in the dataset metadata."""
+
+
+@dataclass
+class _Running:
+    """An episode in progress in one env row."""
+
+    seed: int
+    frames: list[np.ndarray]
+    actions: list[np.ndarray] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    terms: list[bool] = field(default_factory=list)
+    truncs: list[bool] = field(default_factory=list)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"observations": np.stack(self.frames), "actions": np.stack(self.actions),
+                "rewards": np.asarray(self.rewards, np.float32), "terminations": np.asarray(self.terms),
+                "truncations": np.asarray(self.truncs)}
+
+
+def collect_batched(envs: list[gym.Env], path: str | os.PathLike, policy: BatchPolicy, *,
+                    episodes: int | None = 100, max_frames: int | None = None, frame_size: int = 64,
+                    frame_source: FrameSource = "render", seed: int = 0, max_episode_steps: int | None = None,
+                    env_id: str | None = None, overwrite: bool = False, progress: bool = True,
+                    info: dict[str, Any] | None = None) -> CollectStats:
+    """Record episodes from N copies of an env stepped in lock-step with one batched ``policy``.
+
+    Same dataset, arguments and stopping rules as :func:`collect`: episode k (in the order episodes
+    *start*) is reset with seed ``seed + k``; a row whose episode ends starts the next one while the
+    others continue. Episodes are written in the order they end. ``max_frames`` counts the running
+    episodes' transitions too: when it is reached every running episode is cut there and stored with
+    ``truncations[-1] = True``. Results depend on ``len(envs)`` but not on timing.
+    """
+    if not envs:
+        raise ValueError("collect_batched: envs is empty")
+    if episodes is None and max_frames is None:
+        raise ValueError("collect_batched: give episodes or max_frames (or both)")
+    for name, value in (("episodes", episodes), ("max_frames", max_frames),
+                        ("max_episode_steps", max_episode_steps)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"collect_batched: {name} must be >= 1, got {value}")
+    if frame_source not in ("render", "obs"):
+        raise ValueError(f"collect_batched: frame_source must be 'render' or 'obs', got {frame_source!r}")
+    for i, env in enumerate(envs):
+        if frame_source == "render" and getattr(env, "render_mode", None) != "rgb_array":
+            raise ValueError(f"collect_batched: frame_source='render' needs envs made with render_mode='rgb_array', "
+                             f"envs[{i}] has render_mode={getattr(env, 'render_mode', None)!r}")
+    env0 = envs[0]
+    env_id = env_id or (env0.spec.id if env0.spec is not None else type(env0.unwrapped).__name__)
+    n_envs = len(envs)
+    budget = max_frames if max_frames is not None else float("inf")
+    wanted = episodes if episodes is not None else float("inf")
+    stats = CollectStats(path=Path(path))
+    running: list[_Running | None] = [None] * n_envs
+    started = 0
+
+    def begin(rows: list[int]) -> tuple[np.ndarray, list[int]]:
+        nonlocal started
+        frames, seeds = [], []
+        for i in rows:
+            obs, _ = envs[i].reset(seed=int(seed) + started)
+            frame = preprocess_frame(get_frame(envs[i], obs, frame_source), frame_size)
+            running[i] = _Running(int(seed) + started, [frame])
+            frames.append(frame)
+            seeds.append(int(seed) + started)
+            started += 1
+        return np.stack(frames), seeds
+
+    first_rows = list(range(int(min(n_envs, wanted))))
+    first_frames, first_seeds = begin(first_rows)
+    frame_shape = tuple(int(s) for s in first_frames.shape[1:])
+    current = np.repeat(first_frames[:1], n_envs, axis=0)  # [N, H, W, C]; rows with no episode repeat row 0
+    current[first_rows] = first_frames
+    policy.start(np.asarray(first_rows, np.int64), first_frames, first_seeds)
+    meta = {"env_id": env_id, "frame_size": int(frame_size), "frame_source": frame_source, "seed": int(seed),
+            "policy": _jsonable(policy.describe()), "max_episode_steps": max_episode_steps,
+            "preprocessing": "area_resize", "collect_envs": n_envs, **(info or {})}
+    bar = tqdm(total=max_frames if max_frames is not None else episodes,
+               unit="frame" if max_frames is not None else "ep", disable=not progress,
+               desc=f"collect {env_id} x{n_envs}", dynamic_ncols=True)
+
+    def finish(i: int) -> None:
+        ep = running[i]
+        running[i] = None
+        n = len(ep.actions)
+        if n == 0:  # started but never stepped (the frame budget ran out first): nothing to store
+            return
+        writer.add_episode(**ep.arrays(), seed=ep.seed)
+        stats.episodes += 1
+        stats.transitions += n
+        stats.returns.append(float(np.sum(ep.rewards)))
+        stats.lengths.append(n)
+        bar.update(n if max_frames is not None else 1)
+        bar.set_postfix(episodes=stats.episodes, frames=stats.transitions, mean_return=f"{np.mean(stats.returns):.2f}")
+
+    with EpisodeWriter(path, action_space=env0.action_space, frame_shape=frame_shape, env_id=env_id,
+                       env_spec=_env_spec_json(env0), info=meta, algorithm_name=policy.name,
+                       overwrite=overwrite) as writer, bar:
+        while any(r is not None for r in running):
+            held = stats.transitions + sum(len(r.actions) for r in running if r is not None)
+            active = [i for i in range(n_envs) if running[i] is not None]
+            room = budget - held
+            stepping = active[: int(min(len(active), room))]
+            actions = np.asarray(policy.act())
+            ended: list[int] = []
+            for i in stepping:
+                ep = running[i]
+                obs, reward, terminated, truncated, _ = envs[i].step(actions[i])
+                frame = preprocess_frame(get_frame(envs[i], obs, frame_source), frame_size)
+                current[i] = frame
+                ep.frames.append(frame)
+                ep.actions.append(np.asarray(actions[i]))
+                ep.rewards.append(float(reward))
+                if max_episode_steps is not None and len(ep.actions) >= max_episode_steps:
+                    truncated = True
+                ep.terms.append(bool(terminated))
+                ep.truncs.append(bool(truncated) and not terminated)
+                if terminated or truncated:
+                    ended.append(i)
+            if held + len(stepping) >= budget:  # the frame budget is spent: cut every running episode here
+                for i in active:
+                    ep = running[i]
+                    if ep.actions and not (ep.terms[-1] or ep.truncs[-1]):
+                        ep.truncs[-1] = True
+                    finish(i)
+                break
+            policy.advance(current, actions)
+            for i in ended:
+                finish(i)
+            restart = ended[: int(max(0, min(len(ended), wanted - started)))]
+            if restart:
+                frames, seeds = begin(restart)
+                current[restart] = frames
+                policy.start(np.asarray(restart, np.int64), frames, seeds)
     return stats

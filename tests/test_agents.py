@@ -307,3 +307,42 @@ def test_imagination_policy_collects_real_episodes_in_both_observation_modes(car
         np.testing.assert_array_equal(r.load_episode(0).observations, a.load_episode(0).observations)
     with pytest.raises(ValueError, match="needs a batch-1 WorldRuntime"):
         ImaginationAgentPolicy(Recorder(), env.action_space, ObservationSpec("latent", 32, 16, 1))
+
+
+def test_batched_imagination_policy_collects_in_lock_step(cartpole, tmp_path):
+    from sfv_world.agents.collection import BatchedImaginationAgentPolicy
+    from sfv_world.datasets import DatasetReader, collect_batched
+    from sfv_world.envs.sources import make_source_env
+
+    from sfv_world.world import WorldRuntime
+
+    seen = []
+
+    class Recorder:  # one call per lock-step for all 3 rows; action 1, so epsilon alone makes the 0s
+        def predict(self, obs, deterministic=True):
+            seen.append(obs.shape)
+            return np.ones(len(obs), np.int64), None
+
+    envs = [make_source_env(CARTPOLE) for _ in range(3)]
+    runtime = WorldRuntime.from_checkpoint(cartpole["ckpt"], batch_size=3, seed=0)
+    runs = {}
+    for name, mode, shape, eps in (("pixels", "pixels", (3, 16, 16, 6), 0.0), ("latent", "latent", (3, 64), 0.0),
+                                   ("eps_a", "pixels", (3, 16, 16, 6), 0.5), ("eps_b", "pixels", (3, 16, 16, 6), 0.5)):
+        seen.clear()
+        policy = BatchedImaginationAgentPolicy(Recorder(), envs[0].action_space, ObservationSpec(mode, 32, 16, 2), 3,
+                                               epsilon=eps, runtime=runtime if mode == "latent" else None)
+        stats = collect_batched(envs, tmp_path / name, policy, episodes=4, frame_size=32, seed=7, progress=False)
+        assert set(seen) == {shape} and stats.episodes == 4
+        assert max(stats.lengths) <= len(seen) < stats.transitions  # one call per lock-step, not per frame
+        with DatasetReader(tmp_path / name) as r:
+            runs[name] = {r.load_episode(e).seed: r.load_episode(e).actions for e in r.episode_ids}
+    assert all((a == 1).all() for a in runs["pixels"].values())  # epsilon 0: the model's actions only
+    assert sorted(runs["eps_a"]) == list(range(7, 11))
+    assert any((a == 0).any() for a in runs["eps_a"].values())  # epsilon 0.5 mixes in random actions ...
+    for seed, a in runs["eps_a"].items():  # ... drawn from each episode's seed: reproducible
+        np.testing.assert_array_equal(a, runs["eps_b"][seed])
+    for env in envs:
+        env.close()
+    with pytest.raises(ValueError, match="batch size n_envs=2"):
+        BatchedImaginationAgentPolicy(Recorder(), envs[0].action_space, ObservationSpec("latent", 32, 16, 1), 2,
+                                      runtime=runtime)

@@ -80,6 +80,7 @@ def test_outer_loop_collects_with_the_agent_retrains_and_continues(tmp_path):
         assert r.num_episodes == 8 + 3 and r.metadata["sfv_world"]["merged_from"]
     with DatasetReader(tmp_path / "iter1" / "data" / "collected") as r:
         assert r.metadata["sfv_world"]["policy"]["name"] == "sb3-imagination"
+        assert r.metadata["sfv_world"]["collect_envs"] == 3  # pipeline.collect_envs (16) capped by the episodes
     assert (tmp_path / "iter1" / "checkpoints" / "last.pt").is_file()
     assert results["agent@1"]["imagination"]["dream_steps"] == 128  # continued from iteration 0's 64 steps
     agent_json = json.loads((tmp_path / "report" / "agent.json").read_text())

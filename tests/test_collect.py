@@ -21,6 +21,7 @@ from sfv_world.datasets import (
     StickyRandomPolicy,
     area_resize,
     collect,
+    collect_batched,
     partial_path_for,
 )
 from sfv_world.datasets.format import DATA_DIR, METADATA_FILE
@@ -153,6 +154,78 @@ def test_collect_argument_errors(tmp_path: Path) -> None:
     cp = gym.make("CartPole-v1")
     with pytest.raises(ValueError, match="image observations"):
         collect(cp, tmp_path / "x", RandomPolicy(cp.action_space), episodes=1, frame_source="obs", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+class RandomRows:
+    """A BatchPolicy of per-row ``RandomPolicy`` copies re-seeded with each episode's seed: every episode
+    is then the one sequential :func:`collect` records for that seed."""
+
+    name = "random"
+
+    def __init__(self, space: spaces.Space, n: int):
+        self.rows = [RandomPolicy(space) for _ in range(n)]
+        self.started: list[int] = []
+        self.advanced = 0
+
+    def start(self, rows, frames, seeds):
+        assert frames.shape[0] == len(rows) == len(seeds) and frames.dtype == np.uint8
+        for r, s in zip(rows.tolist(), seeds, strict=True):
+            self.rows[r].reset(seed=s)
+        self.started += list(seeds)
+
+    def act(self):
+        return np.asarray([p(None) for p in self.rows])
+
+    def advance(self, frames, actions):
+        assert frames.shape[0] == len(self.rows) == len(actions)
+        self.advanced += 1
+
+    def describe(self):
+        return {"name": self.name}
+
+
+def test_collect_batched_records_the_same_episodes_as_collect(tmp_path: Path) -> None:
+    env = CountingEnv()
+    collect(env, tmp_path / "seq", RandomPolicy(env.action_space), episodes=7, frame_size=10, frame_source="obs",
+            seed=3, progress=False)
+    envs = [CountingEnv() for _ in range(3)]
+    policy = RandomRows(envs[0].action_space, 3)
+    stats = collect_batched(envs, tmp_path / "bat", policy, episodes=7, frame_size=10, frame_source="obs", seed=3,
+                            progress=False)
+    assert policy.started == list(range(3, 10))  # episode k starts with seed + k, none beyond `episodes`
+    seq = {ep["seed"]: ep for ep in _arrays(tmp_path / "seq")}
+    bat = _arrays(tmp_path / "bat")
+    assert sorted(ep["seed"] for ep in bat) == sorted(seq) and stats.episodes == 7
+    assert stats.transitions == sum(len(ep["actions"]) for ep in bat) == sum(stats.lengths)
+    for ep in bat:
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(ep[field], seq[ep["seed"]][field])
+    r = DatasetReader(tmp_path / "bat")
+    assert r.complete and r.metadata["sfv_world"]["collect_envs"] == 3
+    assert [r.load_episode(e).seed for e in r.episode_ids] != sorted(seq)  # written in the order they end
+
+
+def test_collect_batched_frame_budget_and_episode_cap(tmp_path: Path) -> None:
+    envs = [CountingEnv() for _ in range(4)]
+    stats = collect_batched(envs, tmp_path / "mf", RandomRows(envs[0].action_space, 4), episodes=None,
+                            max_frames=13, frame_size=8, frame_source="obs", progress=False)
+    r = DatasetReader(tmp_path / "mf")
+    assert r.num_transitions == stats.transitions == 13  # running episodes count: cut at exactly 13
+    for e in r.episode_ids:
+        ep = r.load_episode(e)
+        assert ep.terminations[-1] != ep.truncations[-1]  # every stored episode ends, one way or the other
+    stats = collect_batched(envs, tmp_path / "ms", RandomRows(envs[0].action_space, 4), episodes=5,
+                            max_episode_steps=2, frame_size=8, frame_source="obs", progress=False)
+    r = DatasetReader(tmp_path / "ms")
+    assert r.num_episodes == 5 and all(n <= 2 for n in r.episode_lengths.values())
+    with pytest.raises(ValueError, match="envs is empty"):
+        collect_batched([], tmp_path / "x", RandomRows(envs[0].action_space, 1), episodes=1, progress=False)
+    with pytest.raises(ValueError, match=r"envs\[0\] has render_mode=None"):
+        collect_batched(envs, tmp_path / "x", RandomRows(envs[0].action_space, 4), episodes=1, progress=False)
+    with pytest.raises(ValueError, match="episodes must be >= 1"):
+        collect_batched(envs, tmp_path / "x", RandomRows(envs[0].action_space, 4), episodes=0,
+                        frame_source="obs", progress=False)
     assert not (tmp_path / "x").exists()
 
 

@@ -182,15 +182,17 @@ def agent_warm_start(cfg: DictConfig) -> bool:
 def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_real_frames: int) -> dict[str, Any]:
     """Iteration ``it``: collect episodes with ``prev``'s imagination agent, merge them with ``prev``'s dataset.
 
-    Episode seeds start at ``seed + 1000 * it`` (new initial states); at most ``max_real_frames`` real
-    transitions in all datasets together.
+    ``pipeline.collect_envs`` real envs run in lock-step, so the agent and its world model (for
+    ``obs_mode=latent``) are called once per step for all of them. Episode seeds start at
+    ``seed + 1000 * it`` (new initial states); at most ``max_real_frames`` real transitions in all
+    datasets together.
     """
-    from sfv_world.agents.collection import ImaginationAgentPolicy, merge_datasets
+    from sfv_world.agents.collection import BatchedImaginationAgentPolicy, merge_datasets
     from sfv_world.agents.evaluation import ObservationSpec
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.agent import agent_dirs
     from sfv_world.apps.collect import crop_list
-    from sfv_world.datasets import DatasetReader, collect, partial_path_for
+    from sfv_world.datasets import DatasetReader, collect_batched, partial_path_for
     from sfv_world.envs.sources import make_source_env
     from sfv_world.world import WorldRuntime
 
@@ -199,27 +201,33 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     budget = int(max_real_frames) - have
     if budget <= 0:
         raise ValueError(f"the real-frame budget pipeline.max_real_frames={max_real_frames} is spent ({have} frames)")
+    episodes = int(OmegaConf.select(cur, "pipeline.collect_episodes", default=None) or cur.collect.episodes)
+    n_envs = int(OmegaConf.select(cur, "pipeline.collect_envs", default=16))
+    if n_envs < 1:
+        raise ValueError(f"pipeline.collect_envs must be >= 1, got {n_envs}")
+    n_envs = min(n_envs, episodes)
     new = Path(cur.run_dir) / "data" / "collected"
     overwrite = new.exists() or partial_path_for(new).exists()
-    runtime = WorldRuntime.from_checkpoint(prev.checkpoint, batch_size=1, seed=int(cur.seed))
+    runtime = WorldRuntime.from_checkpoint(prev.checkpoint, batch_size=n_envs, seed=int(cur.seed))
     spec = ObservationSpec.from_runtime(runtime, str(cur.agent.obs_mode), int(cur.agent.frame_stack))
     spec.check_env(cur.env)
     policy_path = agent_dirs(prev)["imagination"] / "policy.zip"
     model = algo_class(cur.agent.algo).load(policy_path, device="cpu")
-    env = make_source_env(cur.env)
+    envs = [make_source_env(cur.env) for _ in range(n_envs)]
     try:
-        policy = ImaginationAgentPolicy(model, env.action_space, spec,
-                                        epsilon=float(OmegaConf.select(cur, "pipeline.epsilon", default=0.1)),
-                                        seed=int(cur.seed), runtime=runtime if spec.obs_mode == "latent" else None,
-                                        path=str(policy_path))
-        episodes = int(OmegaConf.select(cur, "pipeline.collect_episodes", default=None) or cur.collect.episodes)
-        stats = collect(env, new, policy, episodes=episodes, max_frames=budget, frame_size=int(cur.collect.frame_size),
-                        frame_source=cur.env.frame_source, seed=int(cur.seed) + 1000 * it,
-                        env_id=cur.env.id, overwrite=overwrite, progress=False,
-                        info={"env_name": str(cur.env.name), "collected_by": str(policy_path),
-                              "crop": crop_list(cur.env)})
+        policy = BatchedImaginationAgentPolicy(
+            model, envs[0].action_space, spec, n_envs,
+            epsilon=float(OmegaConf.select(cur, "pipeline.epsilon", default=0.1)),
+            runtime=runtime if spec.obs_mode == "latent" else None, path=str(policy_path))
+        stats = collect_batched(envs, new, policy, episodes=episodes, max_frames=budget,
+                                frame_size=int(cur.collect.frame_size), frame_source=cur.env.frame_source,
+                                seed=int(cur.seed) + 1000 * it, env_id=cur.env.id, overwrite=overwrite,
+                                progress=bool(OmegaConf.select(cur, "collect.progress", default=True)),
+                                info={"env_name": str(cur.env.name), "collected_by": str(policy_path),
+                                      "crop": crop_list(cur.env)})
     finally:
-        env.close()
+        for env in envs:
+            env.close()
     merge_datasets([prev.dataset, new], cur.dataset, overwrite=True)
     with DatasetReader(cur.dataset) as reader:
         total = reader.num_transitions
