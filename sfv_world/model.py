@@ -523,6 +523,13 @@ class StarFlowV(nn.Module):
         features = inv.h.mean(1)  # [B, D]
         x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
 
+        reward, term = self._commit_frame(state, x_tilde, u, action)
+        return FrameSample(x_tilde, nll, features, reward, term, inv.iterations, inv.passes, shallow_passes)
+
+    def _commit_frame(self, state: GenerationState, x_tilde: torch.Tensor, u: torch.Tensor,
+                      action: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append frame x_tilde [B, C, H, W] (deep-input tokens u [B, F, d], cache slots already
+        committed) to the state's history; returns the transition's (reward, termination_logit)."""
         t = state.num_frames
         reward, term = self.transition_heads(state, x_tilde, action)
         if t > 0 and action is not None:
@@ -530,9 +537,48 @@ class StarFlowV(nn.Module):
         state.history_x[:, t] = x_tilde
         state.history_mask[:, t] = True
         state.last_token, state.prev_tokens = u[:, -1].clone(), u
-        state.last_valid = torch.ones_like(has_prev)
+        state.last_valid = torch.ones_like(state.last_valid)
         state.num_frames = t + 1
-        return FrameSample(x_tilde, nll, features, reward, term, inv.iterations, inv.passes, shallow_passes)
+        return reward, term
+
+    @torch.no_grad()
+    def append_frame(self, state: GenerationState, x_tilde: torch.Tensor, action: torch.Tensor | None) -> FrameSample:
+        """Teacher forcing: append a *given* frame to `state` with one cached forward pass.
+
+        x_tilde [B, C, H, W] (noise-augmented, like training data); action int64 [B] | float [B, k]
+        (a_{t-1}, leading from the newest frame to x_tilde; None = NULL). The deep block runs its F new
+        slots against the KV cache -- the forward (data -> noise) direction needs no inversion -- so
+        nll, features, reward and termination equal those of `encode_context` over the whole history
+        plus x_tilde, at the cost of one frame. iterations are 0 (nothing was solved).
+        """
+        c = self.config
+        F, B = c.tokens_per_frame, state.batch
+        if state.full:
+            raise RuntimeError(f"generation state is full ({state.capacity} frames): re-encode a window "
+                               f"with StarFlowV.reencode(state, keep) first")
+        if x_tilde.shape != (B, c.channels, c.frame_size, c.frame_size):
+            raise ValueError(f"append_frame: x_tilde {tuple(x_tilde.shape)} != {(B, c.channels, c.frame_size, c.frame_size)}")
+        x_tilde = x_tilde.to(self.dtype)
+        u, logdet_s = self.shallow_forward(patchify(x_tilde[:, None], c.patch_size))  # [B, 1, F, d], [B, 1]
+        u, logdet_s = u[:, 0], logdet_s[:, 0]
+        has_prev = state.last_valid
+        add = self.action_embed.step_conditioning(action, has_prev)  # [B, D]
+        first = torch.where(has_prev[:, None], state.last_token, self.deep.sos.to(self.dtype))
+        s = torch.cat([first[:, None], u[:, :-1]], 1)  # slot j reads token j-1 (identity permutation)
+        if state.cfg:  # the unconditional half of the cache gets its NULL-action slots too
+            add = torch.cat([add, self.action_embed.step_conditioning(None, has_prev, null=True)])
+            s = torch.cat([s, s])
+        cache = state.cache
+        cache.set_valid(torch.ones(cache.batch, dtype=torch.bool, device=self.device), F)
+        cos, sin = self.rope(state.num_frames, 1)
+        a, b, h = self.deep.step(s, add[:, None].to(self.dtype), cos, sin, cache)
+        cache.advance(F)
+        a, b, h = a[:B], b[:B], h[:B]
+        z = (u.to(a.dtype) - b) / a
+        nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * c.token_dim + torch.log(a).sum((1, 2)) - logdet_s
+        reward, term = self._commit_frame(state, x_tilde, u, action)
+        iters = torch.zeros(B, dtype=torch.long, device=self.device)
+        return FrameSample(x_tilde, nll, h.mean(1), reward, term, iters, 1, 0)
 
     def transition_heads(self, state: GenerationState, x_new: torch.Tensor,
                          action: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -464,9 +464,10 @@ class WorldRuntime:
     def observe(self, frames: Any, actions: Any) -> WorldStep:
         """Teacher forcing: append *real* frames (uint8 [B, H, W, C]) reached by ``actions``.
 
-        The window [held frames, new frame] is re-encoded with one forward pass, so features, reward,
-        termination and log-likelihood are those the model assigns to the real history (the window is
-        bounded exactly as in :meth:`step`). Returned frames are the inputs at the model's size.
+        The new frame is appended with one cached forward pass (``StarFlowV.append_frame``: the data ->
+        noise direction needs no inversion), so features, reward, termination and log-likelihood are
+        those the model assigns to the real history, at the cost of one frame. The window is bounded
+        exactly as in :meth:`step`. Returned frames are the inputs at the model's size.
         """
         B = self.batch_size
         a = self._actions_to_model(actions, (B,), "actions")
@@ -474,21 +475,16 @@ class WorldRuntime:
         if x.dim() != 4 or x.shape[0] != B:
             raise ValueError(f"frames must be uint8 [{B}, H, W, C], got {tuple(_to_numpy(frames).shape)}")
         self._ensure_room()
-        st = self.state
-        n = st.num_frames
-        x_all = torch.cat([st.history_x[:, :n], self._noisy(x)[:, None]], 1)
-        a_all = torch.cat([st.history_a[:, : n - 1], a[:, None].to(st.history_a.dtype)], 1)
-        m_all = torch.cat([st.history_mask[:, :n], torch.ones(B, 1, dtype=torch.bool, device=self.device)], 1)
-        self.state, out = self.flow.encode_context(x_all, a_all, m_all, cfg=st.cfg, capacity=self.context_window)
-        term = torch.sigmoid(out.termination_logit[:, -1].float())
+        out = self.flow.append_frame(self.state, self._noisy(x), a)
+        term = torch.sigmoid(out.termination_logit.float())
         return WorldStep(
             frames=self.codec.decode(x).movedim(-3, -1).cpu().numpy(),
-            rewards=self.flow.reward_value(out.reward[:, -1]).float().cpu().numpy(),
+            rewards=self.flow.reward_value(out.reward).float().cpu().numpy(),
             termination_prob=term.cpu().numpy(),
             terminations=(term > 0.5).cpu().numpy(),
-            log_likelihood=self._bits(out.nll[:, -1]),
+            log_likelihood=self._bits(out.nll),
             jacobi_iterations=np.zeros(B, dtype=np.int64),
-            features=out.features[:, -1].float().cpu().numpy(),
+            features=out.features.float().cpu().numpy(),
         )
 
     def memory_bytes(self) -> int:

@@ -295,3 +295,27 @@ def test_chunk_size_passes_suffice_for_the_exact_inverse():
     a = torch.tensor([[1], [2]])
     jc = JacobiConfig(block_size_first=4, block_size=8, threshold=0.0, max_iter=8, warm_start=False)
     assert (m.flow.invert(z, a, "sequential") - m.flow.invert(z, a, "jacobi", jc)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("cfg,w,pad", [(False, 0.0, 0), (True, 1.5, 0), (False, 0.0, 2)])
+def test_append_frame_equals_encoding_the_whole_clip(cfg, w, pad):
+    """Teacher forcing one frame at a time (append_frame) = one forward pass over the whole clip."""
+    m = random_model()
+    x, a = random_clip(m.config, B=2, T=4, seed=7)
+    whole, out = m.flow.encode_context(x, a, cfg=cfg, pad_frames=pad)
+    state, first = m.flow.encode_context(x[:, :1], a[:, :0], cfg=cfg, pad_frames=pad)
+    for t in range(1, 4):
+        s = m.flow.append_frame(state, x[:, t], a[:, t - 1])
+        assert torch.allclose(s.nll, out.nll[:, t], atol=1e-8, rtol=0)
+        assert torch.allclose(s.features, out.features[:, t], atol=1e-9, rtol=0)
+        assert torch.allclose(s.reward, out.reward[:, t - 1], atol=1e-9, rtol=0)
+        assert torch.allclose(s.termination_logit, out.termination_logit[:, t - 1], atol=1e-9, rtol=0)
+    assert state.num_frames == whole.num_frames == pad + 4
+    assert torch.equal(state.history_x, whole.history_x) and torch.equal(state.history_a, whole.history_a)
+    (v,) = noises(2, 1, torch.float64)
+    act = torch.tensor([2, 0])
+    g_whole = m.flow.generate_frame(whole, act, noise=v, method="sequential", cfg_scale=w)
+    g_step = m.flow.generate_frame(state, act, noise=v, method="sequential", cfg_scale=w)
+    assert (g_whole.x_tilde - g_step.x_tilde).abs().max() < 1e-9  # the cache (both CFG halves) is the same
+    with pytest.raises(ValueError, match="append_frame: x_tilde"):
+        m.flow.append_frame(state, x[:1, 0], a[:1, 0])
