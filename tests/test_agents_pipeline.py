@@ -112,3 +112,28 @@ def test_agent_restart_iterations_keep_one_iterations_budget(tmp_path):
     cfg.pipeline.agent_warm_start = "yes"
     with pytest.raises(ValueError, match="pipeline.agent_warm_start"):
         agent_warm_start(cfg)
+
+
+def test_collector_timesteps_shorten_every_agent_but_the_last(tmp_path):
+    from omegaconf import open_dict
+
+    from sfv_world.apps.pipeline import iteration_cfg
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.pipeline.iterations = 3
+        cfg.pipeline.agent_warm_start = False
+        cfg.pipeline.collector_timesteps = 16
+    full = cfg.agent.total_timesteps
+    assert [iteration_cfg(cfg, it).agent.total_timesteps for it in range(3)] == [16, 16, full]
+    assert iteration_cfg(cfg, 0).agent.eval_every <= 16 and iteration_cfg(cfg, 0).run_dir == cfg.run_dir
+    cfg.pipeline.iterations = 1  # a single iteration's agent is the last one: never shortened
+    assert iteration_cfg(cfg, 0) is cfg
+    cfg.pipeline.iterations = 2
+    cfg.pipeline.agent_warm_start = True
+    with pytest.raises(ValueError, match="needs pipeline.agent_warm_start=false"):
+        iteration_cfg(cfg, 0)
+    cfg.pipeline.agent_warm_start = False
+    cfg.pipeline.collector_timesteps = 0
+    with pytest.raises(ValueError, match="pipeline.collector_timesteps must be a positive integer"):
+        iteration_cfg(cfg, 1)

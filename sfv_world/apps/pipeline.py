@@ -155,12 +155,20 @@ def stage_baseline(cfg: DictConfig) -> dict[str, Any]:
 
 def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
     """Config of outer-loop iteration ``it`` (0: the run itself; k: ``<run_dir>/iter<k>``)."""
+    collector = collector_timesteps(cfg)
+    early = collector is not None and it < int(OmegaConf.select(cfg, "pipeline.iterations", default=1)) - 1
     if it == 0:
-        return cfg
+        if not early:
+            return cfg
+        return _with(cfg, **{"agent.total_timesteps": collector,
+                             "agent.eval_every": min(int(cfg.agent.eval_every), collector)})
     rd = Path(cfg.run_dir) / f"iter{it}"
     updates: dict[str, Any] = {}
     if agent_warm_start(cfg):  # the agent continues: its step budget grows by one iteration's worth
         updates["agent.total_timesteps"] = int(cfg.agent.total_timesteps) * (it + 1)
+    elif early:  # a fresh agent that only collects the next iteration's data
+        updates["agent.total_timesteps"] = collector
+        updates["agent.eval_every"] = min(int(cfg.agent.eval_every), collector)
     finetune = OmegaConf.select(cfg, "pipeline.finetune_steps", default=None)
     if finetune:  # continue the previous iteration's world model on the merged data instead of retraining
         prev = cfg.checkpoint if it == 1 else Path(cfg.run_dir) / f"iter{it - 1}" / "checkpoints" / "last.pt"
@@ -169,6 +177,20 @@ def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
                         "train.eval_every": min(int(cfg.train.eval_every), int(finetune))})
     return _with(cfg, run_dir=str(rd), dataset=str(rd / "data" / str(cfg.env.name)),
                  checkpoint=str(rd / "checkpoints" / "last.pt"), **updates)
+
+
+def collector_timesteps(cfg: DictConfig) -> int | None:
+    """``pipeline.collector_timesteps``: imagined steps of the fresh agents that only collect data (every
+    iteration's but the last); None: ``agent.total_timesteps``. Needs ``pipeline.agent_warm_start=false``."""
+    value = OmegaConf.select(cfg, "pipeline.collector_timesteps", default=None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"pipeline.collector_timesteps must be a positive integer or null, got {value!r}")
+    if agent_warm_start(cfg):
+        raise ValueError("pipeline.collector_timesteps needs pipeline.agent_warm_start=false (a warm-started agent "
+                         "continues from the collectors, so its budget is agent.total_timesteps per iteration)")
+    return int(value)
 
 
 def agent_warm_start(cfg: DictConfig) -> bool:
@@ -533,7 +555,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (0.1), ``pipeline.max_real_frames`` (50,000: the real-frame budget over all iterations),
     ``pipeline.finetune_steps`` (null: retrain the world model from scratch each iteration; N: continue
     the previous one for N steps on the merged data), ``pipeline.agent_warm_start`` (true: continue the
-    previous iteration's agent; false: train a fresh one on the new world model).
+    previous iteration's agent; false: train a fresh one on the new world model),
+    ``pipeline.collector_timesteps`` (with a fresh agent per iteration: the imagined steps of the agents
+    before the last, which only collect data; null: ``agent.total_timesteps``).
     """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -547,7 +571,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "collect": stages.run("collect", lambda: stage_collect(cfg)),
         "train": stages.run("train", lambda: stage_train(cfg)),
-        "agent": stages.run("agent", lambda: stage_agent(cfg)),
+        "agent": stages.run("agent", lambda: stage_agent(iteration_cfg(cfg, 0))),
     }
     final = cfg
     for it in range(1, iterations):
