@@ -303,7 +303,7 @@ def test_append_frame_equals_encoding_the_whole_clip(cfg, w, pad):
     m = random_model()
     x, a = random_clip(m.config, B=2, T=4, seed=7)
     whole, out = m.flow.encode_context(x, a, cfg=cfg, pad_frames=pad)
-    state, first = m.flow.encode_context(x[:, :1], a[:, :0], cfg=cfg, pad_frames=pad)
+    state, _ = m.flow.encode_context(x[:, :1], a[:, :0], cfg=cfg, pad_frames=pad)
     for t in range(1, 4):
         s = m.flow.append_frame(state, x[:, t], a[:, t - 1])
         assert torch.allclose(s.nll, out.nll[:, t], atol=1e-8, rtol=0)

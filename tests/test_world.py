@@ -256,3 +256,22 @@ def test_sampler_denoise_auto_follows_the_temperature():
     assert SamplerSettings.from_dict({"temperature": 1.0, "denoise": False}).denoise is False
     with pytest.raises(ValueError, match="sampler.denoise must be true, false or 'auto'"):
         SamplerSettings.from_dict({"denoise": "sometimes"})
+
+
+def test_quality_on_chosen_episodes(tiny, tmp_path):
+    """``quality.episodes`` evaluates the given episodes instead of the checkpoint's (here empty) test split."""
+    from sfv_world.apps.cli import compose
+    from sfv_world.apps.quality import evaluate_quality
+
+    def cfg(episodes):
+        return compose(["preset=tiny", "device=cpu", f"checkpoint={tiny['ckpt']}", f"run_dir={tmp_path}",
+                        f"quality.output={tmp_path / 'q.json'}", "quality.context=2", "quality.horizon=2",
+                        "quality.max_windows=100", "quality.temperatures=[0]", f"quality.episodes={episodes}"])
+
+    with pytest.raises(ValueError, match="split has no test episodes"):
+        evaluate_quality(cfg("null"))
+    one, two = evaluate_quality(cfg("[4]")), evaluate_quality(cfg("[1,4]"))
+    assert one["test_episodes"] == 1 and two["test_episodes"] == 2
+    assert one["windows"] == 12 + 1 - 4 + 1 and two["windows"] == 2 * one["windows"]  # 13 frames, 4 per window
+    with pytest.raises(ValueError, match=r"quality.episodes: .* has no episode \[9\]"):
+        evaluate_quality(cfg("[1,9]"))

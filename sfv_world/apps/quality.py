@@ -48,8 +48,16 @@ def evaluate_quality(cfg: DictConfig) -> dict:
     dataset_path = q.dataset or payload["dataset"]["path"]
     reader = DatasetReader(dataset_path)
     test_ids = payload["dataset"]["splits"]["test"]
+    episodes = OmegaConf.select(cfg, "quality.episodes", default=None)
+    if episodes is not None:  # explicit episodes, e.g. only those an agent collected
+        test_ids = [int(e) for e in episodes]
+        missing = sorted(set(test_ids) - set(int(e) for e in reader.episode_ids))
+        if missing:
+            raise ValueError(f"quality.episodes: {dataset_path} has no episode {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''} (it holds {reader.num_episodes})")
     if not test_ids:
-        raise ValueError(f"checkpoint {cfg.checkpoint}: its dataset split has no test episodes")
+        raise ValueError(f"checkpoint {cfg.checkpoint}: its dataset split has no test episodes"
+                         if episodes is None else "quality.episodes is empty")
     T = int(q.context) + int(q.horizon)
     clips = ClipDataset(reader, test_ids, clip_len=T, frame_size=mcfg.frame_size, pad_start=False)
     if len(clips) == 0:
