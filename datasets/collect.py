@@ -236,6 +236,8 @@ def collect_batched(envs: list[gym.Env], path: str | os.PathLike, policy: BatchP
                         ("max_episode_steps", max_episode_steps)):
         if value is not None and int(value) < 1:
             raise ValueError(f"collect_batched: {name} must be >= 1, got {value}")
+    if int(frame_size) < 1:
+        raise ValueError(f"collect_batched: frame_size must be >= 1, got {frame_size}")
     if frame_source not in ("render", "obs"):
         raise ValueError(f"collect_batched: frame_source must be 'render' or 'obs', got {frame_source!r}")
     for i, env in enumerate(envs):

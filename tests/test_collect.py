@@ -226,6 +226,9 @@ def test_collect_batched_frame_budget_and_episode_cap(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="episodes must be >= 1"):
         collect_batched(envs, tmp_path / "x", RandomRows(envs[0].action_space, 4), episodes=0,
                         frame_source="obs", progress=False)
+    with pytest.raises(ValueError, match="frame_size must be >= 1"):
+        collect_batched(envs, tmp_path / "x", RandomRows(envs[0].action_space, 4), episodes=1, frame_size=0,
+                        frame_source="obs", progress=False)
     assert not (tmp_path / "x").exists()
 
 
