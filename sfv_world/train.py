@@ -220,6 +220,22 @@ def head_logits(heads: torch.nn.Module, batch: dict[str, torch.Tensor], sigma: f
 # RNG state
 
 
+def shift_clips(frames: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each clip horizontally by its own s ~ U{-max_shift..max_shift} pixels (every frame of a clip
+    alike), replicating the edge columns: frames [B, T, C, H, W] (any dtype) -> the same shape and dtype.
+
+    ``train.shift_augment``: for scenes whose dynamics do not depend on horizontal position (CartPole's cart
+    on its endless track line), it shows the model positions a random policy rarely reaches.
+    """
+    if max_shift <= 0:
+        return frames
+    B, W = frames.shape[0], frames.shape[-1]
+    s = torch.randint(-max_shift, max_shift + 1, (B,), generator=generator)
+    cols = (torch.arange(W)[None, :] - s[:, None]).clamp(0, W - 1)  # [B, W] source column of output column
+    idx = cols.view(B, *([1] * (frames.dim() - 2)), W).expand(frames.shape).to(frames.device)
+    return torch.gather(frames, -1, idx)
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -448,6 +464,10 @@ class Trainer:
         """One optimisation step of flow + heads, then one of the denoiser."""
         cfg, tcfg = self.model_config, self.tcfg
         batch = self.to_device(batch)
+        shift = int(tcfg.get("shift_augment", 0) or 0)
+        if shift:
+            gen = torch.Generator().manual_seed((int(self.cfg.seed) * 1_000_003 + self.step) * 64 + self.rank + 7)
+            batch["frames"] = shift_clips(batch["frames"], shift, gen)
         x = self.codec.encode(batch["frames"])  # [B,T,C,H,W] float in [-1,1]
         mask = batch["mask"]  # [B,T] bool
         x_tilde = (x + cfg.sigma * torch.randn_like(x)).requires_grad_(True)
@@ -494,6 +514,9 @@ class Trainer:
         hb = self.head_train.sample(self.step, int(tcfg.head_batch_size), float(tcfg.head_terminal_fraction),
                                     int(self.cfg.seed), self.rank)
         gen = torch.Generator().manual_seed((int(self.cfg.seed) * 1_000_003 + self.step) * 64 + self.rank)
+        shift = int(tcfg.get("shift_augment", 0) or 0)
+        if shift:
+            hb = {**hb, "frames": shift_clips(hb["frames"], shift, gen)}
         r, d = head_logits(self.model.flow.heads, hb, self.model_config.sigma, self.device, gen, calibrated=False)
         return self.model.flow.heads.loss(r[:, None], d[:, None], hb["rewards"][:, -1:].to(self.device),
                                           hb["terminations"][:, -1:].to(self.device), None,

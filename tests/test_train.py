@@ -14,7 +14,7 @@ import torch
 
 from sfv_world.apps.cli import compose
 from sfv_world.checkpoint import CheckpointError, load_checkpoint
-from sfv_world.train import Trainer, lr_lambda, read_metrics
+from sfv_world.train import Trainer, lr_lambda, read_metrics, shift_clips
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -270,3 +270,38 @@ def test_head_loads_state_without_a_calibrated_threshold():
     fresh.termination_offset.fill_(5.0)
     fresh.load_state_dict(state)  # strict: the missing buffer defaults to 0
     assert float(fresh.termination_offset) == 0.0
+
+
+def test_shift_clips_translates_whole_clips_with_edge_replication():
+    """train.shift_augment: one horizontal shift per clip, the same for all its frames, edges replicated."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (6, 3, 2, 4, 10), generator=g, dtype=torch.uint8)  # [B, T, C, H, W]
+    assert shift_clips(frames, 0, g) is frames
+    out = shift_clips(frames, 3, torch.Generator().manual_seed(1))
+    assert out.shape == frames.shape and out.dtype == torch.uint8
+    shifts = torch.randint(-3, 4, (6,), generator=torch.Generator().manual_seed(1))  # the draws shift_clips makes
+    assert len(set(shifts.tolist())) > 1
+    for b, s in enumerate(shifts.tolist()):
+        for j in range(10):  # output column j shows input column j - s, clamped to the frame
+            assert torch.equal(out[b, ..., j], frames[b, ..., min(max(j - s, 0), 9)])
+
+
+def test_training_step_applies_shift_augment(cartpole16, tmp_path, monkeypatch):
+    """train.shift_augment > 0 shifts the flow batch and the head batch of every step; 0 shifts nothing."""
+    import sfv_world.train as T
+
+    calls = []
+    real = T.shift_clips
+
+    def spy(frames, max_shift, generator):
+        calls.append((tuple(frames.shape), max_shift))
+        return real(frames, max_shift, generator)
+
+    monkeypatch.setattr(T, "shift_clips", spy)
+    run_trainer(tiny_overrides(cartpole16, tmp_path / "off", "train.steps=2", "train.eval_every=2"))
+    assert calls == []
+    run_trainer(tiny_overrides(cartpole16, tmp_path / "on", "train.steps=2", "train.eval_every=2",
+                               "train.shift_augment=2"))
+    assert len(calls) == 4 and {m for _, m in calls} == {2}  # flow clips and head transitions, 2 steps
+    lengths = {s[1] for s in calls}
+    assert 3 in lengths and len(lengths) == 2  # 3-frame head transitions and the flow's clip_len clips
