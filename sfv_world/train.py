@@ -227,7 +227,9 @@ def shift_clips(frames: torch.Tensor, max_shift: int, generator: torch.Generator
     ``train.shift_augment``: for scenes whose dynamics do not depend on horizontal position (CartPole's cart
     on its endless track line), it shows the model positions a random policy rarely reaches.
     """
-    if max_shift <= 0:
+    if max_shift < 0:
+        raise ValueError(f"train.shift_augment must be >= 0 (pixels), got {max_shift}")
+    if max_shift == 0:
         return frames
     B, W = frames.shape[0], frames.shape[-1]
     s = torch.randint(-max_shift, max_shift + 1, (B,), generator=generator)
@@ -465,7 +467,7 @@ class Trainer:
         cfg, tcfg = self.model_config, self.tcfg
         batch = self.to_device(batch)
         shift = int(tcfg.get("shift_augment", 0) or 0)
-        if shift:
+        if shift != 0:  # a negative value is rejected by shift_clips
             gen = torch.Generator().manual_seed((int(self.cfg.seed) * 1_000_003 + self.step) * 64 + self.rank + 7)
             batch["frames"] = shift_clips(batch["frames"], shift, gen)
         x = self.codec.encode(batch["frames"])  # [B,T,C,H,W] float in [-1,1]
@@ -515,7 +517,7 @@ class Trainer:
                                     int(self.cfg.seed), self.rank)
         gen = torch.Generator().manual_seed((int(self.cfg.seed) * 1_000_003 + self.step) * 64 + self.rank)
         shift = int(tcfg.get("shift_augment", 0) or 0)
-        if shift:
+        if shift != 0:
             hb = {**hb, "frames": shift_clips(hb["frames"], shift, gen)}
         r, d = head_logits(self.model.flow.heads, hb, self.model_config.sigma, self.device, gen, calibrated=False)
         return self.model.flow.heads.loss(r[:, None], d[:, None], hb["rewards"][:, -1:].to(self.device),

@@ -277,6 +277,8 @@ def test_shift_clips_translates_whole_clips_with_edge_replication():
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (6, 3, 2, 4, 10), generator=g, dtype=torch.uint8)  # [B, T, C, H, W]
     assert shift_clips(frames, 0, g) is frames
+    with pytest.raises(ValueError, match="train.shift_augment must be >= 0"):
+        shift_clips(frames, -1, g)
     out = shift_clips(frames, 3, torch.Generator().manual_seed(1))
     assert out.shape == frames.shape and out.dtype == torch.uint8
     shifts = torch.randint(-3, 4, (6,), generator=torch.Generator().manual_seed(1))  # the draws shift_clips makes
