@@ -2,9 +2,9 @@
 
 When a random policy's data do not cover good play, the standard fix is to iterate: collect with the
 current policy -> retrain the world model on all data so far -> continue training the agent in the new
-dream. :class:`ImaginationAgentPolicy` is the collection policy (the datasets' ``Policy`` protocol: it
-receives the frames as the dataset stores them), :func:`merge_datasets` concatenates datasets through
-the datasets API.
+dream. :class:`BatchedImaginationAgentPolicy` is the collection policy (the datasets' ``BatchPolicy`` for
+``collect_batched``: it receives the frames as the dataset stores them), :func:`merge_datasets`
+concatenates datasets through the datasets API.
 """
 
 from __future__ import annotations
@@ -18,66 +18,13 @@ from sfv_world.agents.evaluation import ObservationSpec
 from sfv_world.envs.wrappers import stack_frames
 
 
-class ImaginationAgentPolicy:
-    """An SB3 policy trained in the dream, acting on stored-size frames, epsilon-greedy.
+class BatchedImaginationAgentPolicy:
+    """An SB3 policy trained in the dream, acting epsilon-greedily in N real envs in lock-step (the datasets'
+    ``BatchPolicy``).
 
     Each stored frame (uint8 [S, S, C]) is area-resized to the model's size and turned into the dream's
     observation: the channel stack (first frame repeated at an episode start, like ``FrameStack``) or,
-    for ``obs_mode=latent``, the world model's features of the real history (``runtime.observe`` with the
-    policy's own previous action).
-    """
-
-    name = "sb3-imagination"
-
-    def __init__(self, model, action_space, spec: ObservationSpec, epsilon: float = 0.1, seed: int | None = None,
-                 runtime=None, path: str | None = None):
-        if not 0.0 <= float(epsilon) <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
-        if spec.obs_mode == "latent" and runtime is None:
-            raise ValueError("obs_mode='latent' needs a batch-1 WorldRuntime (runtime=...)")
-        self.model, self.action_space, self.spec = model, action_space, spec
-        self.epsilon, self.runtime, self.path = float(epsilon), runtime, path
-        self.reset(seed)
-
-    def reset(self, seed: int | None = None) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.action_space.seed(None if seed is None else int(seed))
-        self.stack: np.ndarray | None = None
-        self.last_action: Any = None
-
-    def observation(self, frame: np.ndarray) -> np.ndarray:
-        from sfv_world.datasets import area_resize
-
-        small = frame if frame.shape[0] == self.spec.model_frame_size else area_resize(frame, self.spec.model_frame_size)
-        if self.spec.obs_mode == "latent":
-            if self.last_action is None:
-                return self.runtime.reset(small[None, None], np.zeros((1, 0), np.int64)).features[0]
-            return self.runtime.observe(small[None], np.asarray([self.last_action])).features[0]
-        if self.stack is None:
-            self.stack = np.repeat(small[None], self.spec.frame_stack, axis=0)
-        else:
-            self.stack = np.concatenate([self.stack[1:], small[None]])
-        return stack_frames(self.stack)
-
-    def __call__(self, frame: np.ndarray) -> Any:
-        obs = self.observation(frame)
-        if self.rng.random() < self.epsilon:
-            action = self.action_space.sample()
-        else:
-            action, _ = self.model.predict(obs, deterministic=True)
-            action = np.asarray(action).item() if np.ndim(action) == 0 else np.asarray(action)
-        self.last_action = action
-        return action
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "epsilon": self.epsilon, "obs_mode": self.spec.obs_mode,
-                "frame_stack": self.spec.frame_stack, "model_frame_size": self.spec.model_frame_size}
-
-
-class BatchedImaginationAgentPolicy:
-    """:class:`ImaginationAgentPolicy` for N real envs in lock-step (the datasets' ``BatchPolicy``).
-
-    One ``model.predict`` and, for ``obs_mode=latent``, one ``runtime.observe`` per step for all rows
+    for ``obs_mode=latent``, the world model's features of the real history. One ``model.predict`` and, for ``obs_mode=latent``, one ``runtime.observe`` per step for all rows
     (``runtime`` must have batch size N); a row that starts an episode is restarted alone
     (``runtime.reset(rows=...)``). Each row's epsilon-greedy draws come from a generator seeded with
     its episode's seed, so collection is reproducible for a given N.

@@ -9,8 +9,8 @@ history, so every real frame costs one world-model call. Rows (same process, sam
     pass over the new frame's tokens);
   * observe = ``re-encode``: the previous implementation, kept here as the reference: the window
     [held frames, new frame] is re-encoded with one forward pass per step (cost grows with the window);
-each at ``n_envs`` 1 (``datasets.collect`` + ``ImaginationAgentPolicy``) and 16 (``collect_batched`` +
-``BatchedImaginationAgentPolicy``, the pipeline's default ``pipeline.collect_envs``). Compares:
+each at ``n_envs`` 1 and 16 (the pipeline's default ``pipeline.collect_envs``), with ``collect_batched`` +
+``BatchedImaginationAgentPolicy``. Compares:
 frames/s of every row against the batch-1 re-encode row (the collection of sessions before this one).
 """
 
@@ -57,12 +57,9 @@ class ReencodingRuntime(WorldRuntime):
 
 
 def measure(args, n_envs: int, observe: str, folder: Path) -> dict:
-    from sfv_world.agents.collection import (
-        BatchedImaginationAgentPolicy,
-        ImaginationAgentPolicy,
-    )
+    from sfv_world.agents.collection import BatchedImaginationAgentPolicy
     from sfv_world.agents.evaluation import ObservationSpec
-    from sfv_world.datasets import collect, collect_batched
+    from sfv_world.datasets import collect_batched
     from sfv_world.envs.sources import make_source_env
     from stable_baselines3 import PPO
 
@@ -75,14 +72,9 @@ def measure(args, n_envs: int, observe: str, folder: Path) -> dict:
     envs = [make_source_env(env_cfg) for _ in range(n_envs)]
     out = folder / f"{observe}-{n_envs}"
     t0 = time.perf_counter()
-    if n_envs == 1:
-        policy = ImaginationAgentPolicy(model, envs[0].action_space, spec, epsilon=0.1, seed=0, runtime=runtime)
-        stats = collect(envs[0], out, policy, episodes=args.episodes, frame_size=spec.stored_frame_size,
-                        seed=5000, progress=False)
-    else:
-        policy = BatchedImaginationAgentPolicy(model, envs[0].action_space, spec, n_envs, epsilon=0.1, runtime=runtime)
-        stats = collect_batched(envs, out, policy, episodes=args.episodes, frame_size=spec.stored_frame_size,
-                                seed=5000, progress=False)
+    policy = BatchedImaginationAgentPolicy(model, envs[0].action_space, spec, n_envs, epsilon=0.1, runtime=runtime)
+    stats = collect_batched(envs, out, policy, episodes=args.episodes, frame_size=spec.stored_frame_size, seed=5000,
+                            progress=False)
     wall = time.perf_counter() - t0
     for env in envs:
         env.close()

@@ -75,6 +75,26 @@ def _jsonable(obj: Any) -> Any:
         return repr(obj)
 
 
+def _check_collect_args(who: str, envs: list[gym.Env], episodes: int | None, max_frames: int | None,
+                        max_episode_steps: int | None, frame_size: int, frame_source: str) -> None:
+    """Raise ValueError, naming the argument, for arguments :func:`collect` / :func:`collect_batched` cannot use."""
+    if episodes is None and max_frames is None:
+        raise ValueError(f"{who}: give episodes or max_frames (or both)")
+    for name, value in (("episodes", episodes), ("max_frames", max_frames),
+                        ("max_episode_steps", max_episode_steps)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{who}: {name} must be >= 1, got {value}")
+    if int(frame_size) < 1:
+        raise ValueError(f"{who}: frame_size must be >= 1, got {frame_size}")
+    if frame_source not in ("render", "obs"):
+        raise ValueError(f"{who}: frame_source must be 'render' or 'obs', got {frame_source!r}")
+    for i, env in enumerate(envs):
+        if frame_source == "render" and getattr(env, "render_mode", None) != "rgb_array":
+            where = f"{env}" if len(envs) == 1 and who == "collect" else f"envs[{i}]"
+            raise ValueError(f"{who}: frame_source='render' needs an env made with render_mode='rgb_array', "
+                             f"{where} has render_mode={getattr(env, 'render_mode', None)!r}")
+
+
 def _run_episode(env: gym.Env, policy: Policy, seed: int, frame_source: FrameSource, frame_size: int,
                  max_steps: int | None, obs: Any = None) -> dict[str, np.ndarray]:
     """One episode: frames uint8 [T+1, S, S, C], actions [T], rewards, terminations, truncations [T].
@@ -117,19 +137,7 @@ def collect(env: gym.Env, path: str | os.PathLike, policy: Policy, *, episodes: 
 
     Returns a :class:`CollectStats`. ``info`` adds JSON-able facts to ``metadata["sfv_world"]``.
     """
-    if episodes is None and max_frames is None:
-        raise ValueError("collect: give episodes or max_frames (or both)")
-    for name, value in (("episodes", episodes), ("max_frames", max_frames),
-                        ("max_episode_steps", max_episode_steps)):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"collect: {name} must be >= 1, got {value}")
-    if int(frame_size) < 1:
-        raise ValueError(f"collect: frame_size must be >= 1, got {frame_size}")
-    if frame_source not in ("render", "obs"):
-        raise ValueError(f"collect: frame_source must be 'render' or 'obs', got {frame_source!r}")
-    if frame_source == "render" and getattr(env, "render_mode", None) != "rgb_array":
-        raise ValueError(f"collect: frame_source='render' needs an env made with render_mode='rgb_array', "
-                         f"{env} has render_mode={getattr(env, 'render_mode', None)!r}")
+    _check_collect_args("collect", [env], episodes, max_frames, max_episode_steps, frame_size, frame_source)
     env_id = env_id or (env.spec.id if env.spec is not None else type(env.unwrapped).__name__)
 
     # the frame shape is known after the first reset, which is episode 0's (ALE reloads its ROM on every
@@ -230,20 +238,7 @@ def collect_batched(envs: list[gym.Env], path: str | os.PathLike, policy: BatchP
     """
     if not envs:
         raise ValueError("collect_batched: envs is empty")
-    if episodes is None and max_frames is None:
-        raise ValueError("collect_batched: give episodes or max_frames (or both)")
-    for name, value in (("episodes", episodes), ("max_frames", max_frames),
-                        ("max_episode_steps", max_episode_steps)):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"collect_batched: {name} must be >= 1, got {value}")
-    if int(frame_size) < 1:
-        raise ValueError(f"collect_batched: frame_size must be >= 1, got {frame_size}")
-    if frame_source not in ("render", "obs"):
-        raise ValueError(f"collect_batched: frame_source must be 'render' or 'obs', got {frame_source!r}")
-    for i, env in enumerate(envs):
-        if frame_source == "render" and getattr(env, "render_mode", None) != "rgb_array":
-            raise ValueError(f"collect_batched: frame_source='render' needs envs made with render_mode='rgb_array', "
-                             f"envs[{i}] has render_mode={getattr(env, 'render_mode', None)!r}")
+    _check_collect_args("collect_batched", envs, episodes, max_frames, max_episode_steps, frame_size, frame_source)
     env0 = envs[0]
     env_id = env_id or (env0.spec.id if env0.spec is not None else type(env0.unwrapped).__name__)
     n_envs = len(envs)

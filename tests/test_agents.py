@@ -278,39 +278,8 @@ def test_bad_agent_settings():
     assert policy_for("latent", __import__("gymnasium").spaces.Box(-1, 1, (8,)), "auto")[0] == "MlpPolicy"
 
 
-def test_imagination_policy_collects_real_episodes_in_both_observation_modes(cartpole, tmp_path):
-    from sfv_world.agents.collection import ImaginationAgentPolicy, merge_datasets
-    from sfv_world.datasets import DatasetReader, collect
-    from sfv_world.envs.sources import make_source_env
-
-    from sfv_world.world import WorldRuntime
-
-    seen = []
-
-    class Recorder:
-        def predict(self, obs, deterministic=True):
-            seen.append(obs.shape)
-            return np.int64(1), None
-
-    env = make_source_env(CARTPOLE)
-    runtime = WorldRuntime.from_checkpoint(cartpole["ckpt"], batch_size=1, seed=0)
-    for mode, shape in (("pixels", (16, 16, 6)), ("latent", (64,))):
-        seen.clear()
-        policy = ImaginationAgentPolicy(Recorder(), env.action_space, ObservationSpec(mode, 32, 16, 2), epsilon=0.0,
-                                        seed=0, runtime=runtime if mode == "latent" else None)
-        stats = collect(env, tmp_path / mode, policy, episodes=2, frame_size=32, progress=False)
-        assert set(seen) == {shape} and len(seen) == stats.transitions
-    env.close()
-    merged = merge_datasets([cartpole["dataset"], tmp_path / "pixels"], tmp_path / "merged")
-    with DatasetReader(merged) as r, DatasetReader(cartpole["dataset"]) as a:
-        assert r.num_episodes == a.num_episodes + 2
-        np.testing.assert_array_equal(r.load_episode(0).observations, a.load_episode(0).observations)
-    with pytest.raises(ValueError, match="needs a batch-1 WorldRuntime"):
-        ImaginationAgentPolicy(Recorder(), env.action_space, ObservationSpec("latent", 32, 16, 1))
-
-
 def test_batched_imagination_policy_collects_in_lock_step(cartpole, tmp_path):
-    from sfv_world.agents.collection import BatchedImaginationAgentPolicy
+    from sfv_world.agents.collection import BatchedImaginationAgentPolicy, merge_datasets
     from sfv_world.datasets import DatasetReader, collect_batched
     from sfv_world.envs.sources import make_source_env
 
@@ -343,6 +312,10 @@ def test_batched_imagination_policy_collects_in_lock_step(cartpole, tmp_path):
         np.testing.assert_array_equal(a, runs["eps_b"][seed])
     for env in envs:
         env.close()
+    merged = merge_datasets([cartpole["dataset"], tmp_path / "pixels"], tmp_path / "merged")
+    with DatasetReader(merged) as r, DatasetReader(cartpole["dataset"]) as a:
+        assert r.num_episodes == a.num_episodes + 4
+        np.testing.assert_array_equal(r.load_episode(0).observations, a.load_episode(0).observations)
     with pytest.raises(ValueError, match="batch size n_envs=2"):
         BatchedImaginationAgentPolicy(Recorder(), envs[0].action_space, ObservationSpec("latent", 32, 16, 1), 2,
                                       runtime=runtime)
