@@ -49,6 +49,7 @@ class AgentSettings:
     eval_episodes: int = 20
     context_frames: int = 4
     context_start: str = "random"
+    context_window: int | None = None  # frames in the dream's KV cache (None: the model's max_frames)
     termination: str = "threshold"
     termination_threshold: float = 0.5
     seed: int = 0
@@ -222,6 +223,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     venv = DreamSB3VecEnv(
         checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, frame_stack=settings.frame_stack,
         horizon=settings.horizon, context_frames=settings.context_frames, context_start=settings.context_start,
+        context_window=settings.context_window,
         termination=settings.termination, termination_threshold=settings.termination_threshold,
         sampler=settings.sampler or None,
         device=settings.device,

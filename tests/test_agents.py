@@ -125,6 +125,16 @@ def test_termination_threshold_ends_imagined_episodes_earlier(cartpole, tmp_path
         train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path / "bad", small(termination_threshold=1.5))
 
 
+def test_context_window_reaches_the_dream(cartpole, tmp_path):
+    """agent.context_window sizes the dream's KV cache: a window smaller than the context clip is refused,
+    a small one runs (re-encoding every few steps)."""
+    with pytest.raises(ValueError, match="context window of 3 frames"):
+        train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path / "bad", small(context_window=3))
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path / "ok",
+                                  small(context_window=5, total_timesteps=128, eval_every=128))
+    assert result["settings"]["context_window"] == 5 and np.isfinite(result["real_return_mean"])
+
+
 def test_action_noise_replaces_a_fraction_of_the_dream_actions():
     """agent.action_noise: the dream executes random actions with that probability, seeded."""
     import gymnasium as gym
