@@ -12,8 +12,9 @@ Both worlds start like the dataset's episodes: the dream from the first 4 frames
 the real env from a seeded reset plus 3 random steps. Then the same open-loop policy runs for ``--steps``
 steps (``always_0``: push left every step; ``random``). Per world it reports the fraction of episodes still
 running after 10 and after ``--steps`` steps, the mean (shift) and std over episodes (spread) of the cart's
-displacement x - x0 of the episodes still running, and the median of each episode's largest |theta|. The dream is run with each KV-cache window
-in ``--windows`` (``WorldRuntime.context_window``). Writes ``benchmarks/results/<name>.json`` and ``.md``.
+displacement x - x0 of the episodes still running, and the median of each episode's largest |theta|. The
+dream is run with each KV-cache window in ``--windows`` (``WorldRuntime.context_window``). Writes
+``benchmarks/results/<name>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ def main() -> None:
 
     frame_size = int(load_checkpoint(args.checkpoint)["model_config"]["frame_size"])
     reader = DatasetReader(args.dataset)
+    if reader.env_id != "CartPole-v1":
+        raise SystemExit(f"--dataset {args.dataset}: env_id is {reader.env_id!r}; the state probe needs CartPole-v1")
     ids = [int(e) for e in reader.episode_ids][: args.probe_episodes]  # None: all
     clips = ClipDataset(reader, ids, clip_len=2, frame_size=frame_size, pad_start=False)
     env = gym.make("CartPole-v1")
