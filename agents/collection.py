@@ -24,7 +24,8 @@ class BatchedImaginationAgentPolicy:
 
     Each stored frame (uint8 [S, S, C]) is area-resized to the model's size and turned into the dream's
     observation: the channel stack (first frame repeated at an episode start, like ``FrameStack``) or,
-    for ``obs_mode=latent``, the world model's features of the real history. One ``model.predict`` and, for ``obs_mode=latent``, one ``runtime.observe`` per step for all rows
+    for ``obs_mode=latent``, the world model's features of the real history (float32 [N, D]). One
+    ``model.predict`` and, for ``obs_mode=latent``, one ``runtime.observe`` per step for all rows
     (``runtime`` must have batch size N); a row that starts an episode is restarted alone
     (``runtime.reset(rows=...)``). Each row's epsilon-greedy draws come from a generator seeded with
     its episode's seed, so collection is reproducible for a given N.
