@@ -58,6 +58,8 @@ class AgentSettings:
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
     ood_truncate: bool = False  # truncate imagined episodes the world model flags as OOD (sfv_world.envs.ood)
     action_noise: float = 0.0  # probability that the dream executes a uniformly random action instead of the agent's
+    snapshot_every: int | None = None  # save the policy to snapshots/<steps>.zip every this many steps (None: never)
+    dataset: str | None = None  # dataset folder the dream draws reset context from (None: the checkpoint's)
 
     @classmethod
     def from_config(cls, agent_cfg: Any, **extra: Any) -> AgentSettings:
@@ -136,6 +138,32 @@ def read_eval_csv(path: str | Path) -> dict[str, np.ndarray]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     return {k: np.array([float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows]) for k in EVAL_FIELDS}
+
+
+class SnapshotCallback(BaseCallback):
+    """Save the model to ``folder/<num_timesteps>.zip`` at the first env step that reaches each multiple of
+    ``every`` (snapshot ensembles, model selection)."""
+
+    def __init__(self, every: int, folder: Path):
+        super().__init__()
+        self.every, self.folder = int(every), Path(folder)
+        self.next_save = None
+
+    def _on_training_start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.next_save = (self.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.next_save:
+            self.next_save += self.every
+            self.model.save(self.folder / f"{self.num_timesteps}.zip")
+        return True
+
+
+def list_snapshots(out_dir: str | Path) -> list[Path]:
+    """The saved snapshots of an agent run, oldest first."""
+    folder = Path(out_dir) / "snapshots"
+    return sorted(folder.glob("*.zip"), key=lambda p: int(p.stem)) if folder.is_dir() else []
 
 
 class RealEvalCallback(BaseCallback):
@@ -223,7 +251,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     venv = DreamSB3VecEnv(
         checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, frame_stack=settings.frame_stack,
         horizon=settings.horizon, context_frames=settings.context_frames, context_start=settings.context_start,
-        context_window=settings.context_window,
+        context_window=settings.context_window, dataset=settings.dataset,
         termination=settings.termination, termination_threshold=settings.termination_threshold,
         sampler=settings.sampler or None,
         device=settings.device,
@@ -265,10 +293,13 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     log = EvalLog(out / "eval.csv")
     t0 = time.time()
     callback = RealEvalCallback(settings.eval_every, evaluate, log, ckpt, t0)
+    callbacks = [callback]
+    if settings.snapshot_every:
+        callbacks.append(SnapshotCallback(settings.snapshot_every, out / "snapshots"))
     remaining = settings.total_timesteps - model.num_timesteps
     try:
         if remaining > 0:
-            model.learn(remaining, callback=callback, reset_num_timesteps=False, progress_bar=progress,
+            model.learn(remaining, callback=callbacks, reset_num_timesteps=False, progress_bar=progress,
                         tb_log_name="imagination")
         else:  # an interrupted run that had finished learning: only the final evaluation is left
             from stable_baselines3.common.logger import configure

@@ -278,6 +278,43 @@ def test_agent_cli_entry_point(cartpole, tmp_path):
         agent.run(cfg)
 
 
+def test_agent_takes_dream_context_from_the_dataset_override(cartpole, tmp_path):
+    """``dataset=`` reaches the dream (a checkpoint whose recorded dataset moved still trains an agent); a
+    missing one falls back to the checkpoint's; neither existing is an error naming both."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from sfv_world.apps.agent import context_dataset
+
+    moved = shutil.copytree(cartpole["dataset"], tmp_path / "moved")
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt.pt", moved, termination_bias=-3.0)
+    shutil.rmtree(moved)  # the checkpoint's recorded dataset is gone
+    recorded = {"path": str(moved)}
+    cfg = OmegaConf.create({"dataset": str(cartpole["dataset"])})
+    assert context_dataset(cfg, recorded) == str(cartpole["dataset"])
+    assert context_dataset(OmegaConf.create({"dataset": str(tmp_path / "nope")}), {"path": str(cartpole["dataset"])}) is None
+    with pytest.raises(ValueError, match="nope.*does not exist, nor does the checkpoint's dataset.*moved"):
+        context_dataset(OmegaConf.create({"dataset": str(tmp_path / "nope")}), recorded)
+    result = train_in_imagination(ckpt, CARTPOLE, tmp_path / "run",
+                                  small(dataset=str(cartpole["dataset"]), total_timesteps=128, eval_every=128))
+    assert result["dream_steps"] == 128
+    with pytest.raises(ValueError, match="no dataset to take dream context from"):
+        train_in_imagination(ckpt, CARTPOLE, tmp_path / "run2", small(total_timesteps=128, eval_every=128))
+
+
+def test_snapshots_are_saved_every_n_steps(cartpole, tmp_path):
+    from stable_baselines3 import PPO
+
+    from sfv_world.agents.imagination import list_snapshots
+
+    train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, small(snapshot_every=64, total_timesteps=256))
+    snaps = list_snapshots(tmp_path)
+    assert [p.stem for p in snaps] == ["64", "128", "192", "256"]  # 8 envs: a multiple of 64 is reached exactly
+    assert PPO.load(snaps[-1]).num_timesteps == 256
+    assert list_snapshots(tmp_path / "none") == []
+
+
 def test_bad_agent_settings():
     with pytest.raises(ValueError, match="agent.algo must be one of"):
         small(algo="sac").validate()

@@ -36,6 +36,19 @@ def check_env_matches(cfg: DictConfig, payload_dataset: dict[str, Any], checkpoi
         )
 
 
+def context_dataset(cfg: DictConfig, payload_dataset: dict[str, Any]) -> str | None:
+    """The dataset the dream takes reset context from: ``cfg.dataset`` where it exists, else None (the
+    checkpoint's own dataset). Raises, naming both, when neither exists."""
+    wanted = OmegaConf.select(cfg, "dataset", default=None)
+    if wanted is not None and Path(str(wanted)).exists():
+        return str(wanted)
+    recorded = payload_dataset.get("path")
+    if recorded is not None and Path(str(recorded)).exists():
+        return None
+    raise ValueError(f"dataset={wanted!r} does not exist, nor does the checkpoint's dataset {recorded!r}: the dream "
+                     "needs real context frames; pass dataset=<folder> of the model's dataset")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     from sfv_world.agents.evaluation import ObservationSpec
     from sfv_world.agents.imagination import AgentSettings, train_in_imagination
@@ -49,7 +62,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = str(resolve_device(str(cfg.device)))
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else {}
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
-    settings = AgentSettings.from_config(agent_cfg, seed=int(cfg.seed), device=device, sampler=sampler)
+    settings = AgentSettings.from_config(agent_cfg, seed=int(cfg.seed), device=device, sampler=sampler,
+                                         dataset=context_dataset(cfg, payload["dataset"]))
     dirs = agent_dirs(cfg)
     progress = bool(OmegaConf.select(cfg, "agent.progress", default=False))
     results: dict[str, Any] = {}
