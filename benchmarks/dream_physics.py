@@ -96,13 +96,29 @@ def real_run(env, policy: str, episodes: int, steps: int, seed: int) -> tuple[np
     return x, theta
 
 
+def parse_sampler(text: str) -> dict:
+    """``"default"`` -> {} (the checkpoint's run settings); ``"threshold=1e-6,max_iter=64"`` -> overrides."""
+    if text.strip() == "default":
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--samplers: {item!r} is not key=value")
+        try:
+            out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
+
+
 def dream_run(checkpoint: str, dataset: str, probe: StateProbe, policy: str, num_envs: int, steps: int, seed: int,
-              window: int) -> tuple[np.ndarray, np.ndarray]:
+              window: int, sampler: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     from sfv_world.envs.sb3 import DreamSB3VecEnv
 
     venv = DreamSB3VecEnv(checkpoint, num_envs=num_envs, obs_mode="pixels", frame_stack=1, horizon=steps + 1,
                           context_frames=CONTEXT_FRAMES, context_start="episode_start", context_window=window,
-                          dataset=dataset)
+                          dataset=dataset, sampler=sampler or None)
     venv.seed(seed)
     rng = np.random.default_rng(seed)
     state = probe(venv.reset())
@@ -129,6 +145,8 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dataset", required=True, help="the checkpoint's CartPole dataset folder (probe + dream contexts)")
     p.add_argument("--windows", default="16,12,8", help="comma-separated dream KV-cache windows")
+    p.add_argument("--samplers", default="default",
+                   help="semicolon-separated sampler variants: 'default' (the checkpoint's) or key=value,... overrides")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--num-envs", type=int, default=64)
     p.add_argument("--probe-episodes", type=int, default=None, help="episodes to fit the probe on (default: all)")
@@ -140,6 +158,7 @@ def main() -> None:
     if not Path(args.dataset).is_dir():
         raise SystemExit(f"--dataset {args.dataset}: no such folder")
     windows = [int(w) for w in args.windows.split(",")]
+    samplers = [(v.strip(), parse_sampler(v)) for v in args.samplers.split(";")]
 
     frame_size = int(load_checkpoint(args.checkpoint)["model_config"]["frame_size"])
     reader = DatasetReader(args.dataset)
@@ -160,9 +179,12 @@ def main() -> None:
         rows.append(summarize("real", policy, *real_run(env, policy, args.num_envs, args.steps, 1000 + args.seed),
                               args.steps))
         for w in windows:
-            x, theta = dream_run(args.checkpoint, args.dataset, probe, policy, args.num_envs, args.steps, args.seed, w)
-            rows.append(summarize(f"dream, window {w}", policy, x, theta, args.steps))
-            print(rows[-1], flush=True)
+            for name, sampler in samplers:
+                x, theta = dream_run(args.checkpoint, args.dataset, probe, policy, args.num_envs, args.steps,
+                                     args.seed, w, sampler)
+                label = f"dream, window {w}" + ("" if name == "default" else f", sampler {name}")
+                rows.append(summarize(label, policy, x, theta, args.steps))
+                print(rows[-1], flush=True)
     write_results(
         args.name, rows, title="Dream physics on CartPole: cart displacement and pole angle read off dreamed frames",
         config={**vars(args), "probe_r2_x": round(float(probe.r2[0]), 4), "probe_r2_theta": round(float(probe.r2[2]), 4)},
