@@ -12,6 +12,9 @@ Output folder (``out_dir``)::
     checkpoint.zip     the latest policy during training (resume point)
     eval.csv           timesteps, imagined and real returns, wall time
     tb/                tensorboard events (SB3's own scalars plus eval/*)
+    snapshots/         <steps>.zip every ``snapshot_every`` steps (optional)
+    ensemble.json      with ``ensemble_snapshots`` = K: the agent is the ensemble of the last K snapshots
+                       (:mod:`sfv_world.agents.ensemble`); the final evaluation is the ensemble's
     result.json        final real-env evaluation and settings
 """
 
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sfv_world.agents.ensemble import MANIFEST, load_ensemble
 from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
 from sfv_world.agents.policies import StandardizedFeatures, algo_class, algo_kwargs, policy_for, resolve_schedules
 from stable_baselines3.common.callbacks import BaseCallback
@@ -59,6 +63,7 @@ class AgentSettings:
     ood_truncate: bool = False  # truncate imagined episodes the world model flags as OOD (sfv_world.envs.ood)
     action_noise: float = 0.0  # probability that the dream executes a uniformly random action instead of the agent's
     snapshot_every: int | None = None  # save the policy to snapshots/<steps>.zip every this many steps (None: never)
+    ensemble_snapshots: int | None = None  # the agent is the ensemble of its last K snapshots (None: the last policy)
     dataset: str | None = None  # dataset folder the dream draws reset context from (None: the checkpoint's)
 
     @classmethod
@@ -74,6 +79,10 @@ class AgentSettings:
             raise ValueError(f"agent: total_timesteps, n_envs, eval_every, eval_episodes must be >= 1: {self}")
         if not 0.0 <= float(self.action_noise) <= 1.0:
             raise ValueError(f"agent.action_noise must be a probability in [0, 1], got {self.action_noise}")
+        if self.ensemble_snapshots is not None:
+            if int(self.ensemble_snapshots) < 1 or not self.snapshot_every:
+                raise ValueError(f"agent.ensemble_snapshots={self.ensemble_snapshots} needs a count >= 1 and "
+                                 f"agent.snapshot_every set (got {self.snapshot_every})")
         policy_for(self.obs_mode, _dummy_space(self.obs_mode), self.policy)
         algo_class(self.algo)
 
@@ -310,6 +319,17 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     finally:
         log.close()
     model.save(out / "policy.zip")
+    (out / MANIFEST).unlink(missing_ok=True)  # a previous run's ensemble is not this run's
+    single = final
+    if settings.ensemble_snapshots:
+        members = list_snapshots(out)[-int(settings.ensemble_snapshots):]
+        ensemble = load_ensemble(members, cls)
+        ev = evaluate(ensemble)
+        ensemble.save(out)
+        final = {**final, "real_return_mean": ev.mean, "real_return_std": ev.std,
+                 "real_length_mean": float(ev.lengths.mean())}
+        print(f"[agent] ensemble of {len(members)} snapshots ({members[0].stem}..{members[-1].stem} steps): real "
+              f"return {ev.mean:.1f} +- {ev.std:.1f} (last policy alone: {single['real_return_mean']:.1f})", flush=True)
     result = {
         "kind": "imagination",
         "checkpoint": str(checkpoint),
@@ -317,6 +337,9 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         "real_return_std": final["real_return_std"],
         "real_length_mean": final["real_length_mean"],
         "imagined_return_mean": final["imagined_return_mean"],
+        "last_policy_real_return_mean": single["real_return_mean"],
+        "ensemble_members": [p.name for p in list_snapshots(out)[-int(settings.ensemble_snapshots):]]
+        if settings.ensemble_snapshots else None,
         "eval_episodes": settings.eval_episodes,
         "dream_steps": int(model.num_timesteps),
         "wall_s": round(time.time() - t0, 1),

@@ -315,6 +315,25 @@ def test_snapshots_are_saved_every_n_steps(cartpole, tmp_path):
     assert list_snapshots(tmp_path / "none") == []
 
 
+def test_snapshot_ensemble_is_the_agent(cartpole, tmp_path):
+    """ensemble_snapshots=K: the final evaluation and the saved agent are the ensemble of the last K snapshots."""
+    from stable_baselines3 import PPO
+
+    from sfv_world.agents.ensemble import PolicyEnsemble, load_agent_policy
+
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path,
+                                  small(snapshot_every=64, ensemble_snapshots=2, total_timesteps=256))
+    assert result["ensemble_members"] == ["192.zip", "256.zip"]
+    assert np.isfinite(result["real_return_mean"]) and np.isfinite(result["last_policy_real_return_mean"])
+    agent = load_agent_policy(tmp_path, PPO)
+    assert isinstance(agent, PolicyEnsemble) and len(agent) == 2
+    # the same folder again without an ensemble: the stale manifest goes, the agent is policy.zip
+    again = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, small(snapshot_every=64, total_timesteps=256))
+    assert again["ensemble_members"] is None and isinstance(load_agent_policy(tmp_path, PPO), PPO)
+    with pytest.raises(ValueError, match="ensemble_snapshots=2 needs"):
+        small(ensemble_snapshots=2).validate()
+
+
 def test_bad_agent_settings():
     with pytest.raises(ValueError, match="agent.algo must be one of"):
         small(algo="sac").validate()

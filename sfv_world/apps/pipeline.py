@@ -210,6 +210,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     datasets together.
     """
     from sfv_world.agents.collection import BatchedImaginationAgentPolicy, merge_datasets
+    from sfv_world.agents.ensemble import load_agent_policy
     from sfv_world.agents.evaluation import ObservationSpec
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.agent import agent_dirs
@@ -234,7 +235,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     spec = ObservationSpec.from_runtime(runtime, str(cur.agent.obs_mode), int(cur.agent.frame_stack))
     spec.check_env(cur.env)
     policy_path = agent_dirs(prev)["imagination"] / "policy.zip"
-    model = algo_class(cur.agent.algo).load(policy_path, device="cpu")
+    model = load_agent_policy(agent_dirs(prev)["imagination"], algo_class(cur.agent.algo))
     envs = [make_source_env(cur.env) for _ in range(n_envs)]
     try:
         policy = BatchedImaginationAgentPolicy(
@@ -260,6 +261,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
 
 def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Fresh real-env evaluation of both saved policies and of a random policy (other seeds than training's)."""
+    from sfv_world.agents.ensemble import load_agent_policy
     from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.agent import agent_dirs
@@ -276,7 +278,7 @@ def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
         return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler)
 
     spec = ObservationSpec.from_runtime(runtime, str(cfg.agent.obs_mode), int(cfg.agent.frame_stack))
-    model = cls.load(dirs["imagination"] / "policy.zip", device="cpu")
+    model = load_agent_policy(dirs["imagination"], cls)  # the snapshot ensemble where the agent made one
     out["imagination"] = evaluate_real(model, cfg.env, spec, episodes, seed, runtime_factory=factory).as_dict()
     pixel_spec = dataclasses.replace(spec, obs_mode="pixels")
     if (dirs["model_free"] / "policy.zip").exists():

@@ -1,0 +1,124 @@
+"""Snapshot ensembles: several saved SB3 policies acting as one.
+
+PPO's policy in the dream swings by tens of real-return points from one update to the next. Averaging
+the action distributions of snapshots taken along training (``agent.snapshot_every``) smooths those
+swings: :class:`PolicyEnsemble` has SB3's ``predict`` signature, so the real-env evaluation, the
+pipeline's data collection and every other consumer of a saved policy use it unchanged.
+
+How members are combined, by the kind of SB3 policy:
+- actor-critic (PPO, A2C) with a Discrete action space: the mean of the members' action probabilities;
+  ``deterministic`` takes its argmax, otherwise an action is sampled from it;
+- DQN: the mean of the members' Q-values, then argmax (``deterministic`` is ignored, as in SB3);
+- Box actions: the mean of the members' actions.
+
+On disk an ensemble is ``ensemble.json`` in an agent folder, listing member ``.zip`` files relative to it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+MANIFEST = "ensemble.json"
+
+
+class PolicyEnsemble:
+    """``models``: loaded SB3 models with the same observation and action spaces."""
+
+    def __init__(self, models: list[Any], paths: list[str] | None = None, seed: int = 0):
+        if not models:
+            raise ValueError("PolicyEnsemble needs at least one member")
+        first = models[0]
+        for i, m in enumerate(models[1:], 1):
+            if m.observation_space != first.observation_space or m.action_space != first.action_space:
+                raise ValueError(f"ensemble member {i} sees {m.observation_space} / acts in {m.action_space}; member 0 "
+                                 f"sees {first.observation_space} / acts in {first.action_space}")
+        if not isinstance(first.action_space, (spaces.Discrete, spaces.Box)):
+            raise ValueError(f"PolicyEnsemble supports Discrete and Box action spaces, got {first.action_space}")
+        self.models, self.paths = list(models), list(paths or [])
+        self.observation_space, self.action_space = first.observation_space, first.action_space
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def action_probs(self, obs: np.ndarray) -> np.ndarray:
+        """Discrete actor-critic members: mean action probabilities, float32 [N, n_actions]."""
+        with torch.no_grad():
+            t = self.models[0].policy.obs_to_tensor(obs)[0]
+            p = sum(m.policy.get_distribution(t).distribution.probs for m in self.models) / len(self.models)
+        return p.cpu().numpy()
+
+    def q_values(self, obs: np.ndarray) -> np.ndarray:
+        """DQN members: mean Q-values, float32 [N, n_actions]."""
+        with torch.no_grad():
+            t = self.models[0].policy.obs_to_tensor(obs)[0]
+            q = sum(m.policy.q_net(t) for m in self.models) / len(self.models)
+        return q.cpu().numpy()
+
+    def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True) -> tuple[np.ndarray, None]:
+        """SB3's ``predict`` for a batch of observations [N, ...]: actions [N] (Discrete) or [N, A] (Box)."""
+        obs = np.asarray(observation)
+        single = obs.shape == self.observation_space.shape
+        if single:
+            obs = obs[None]
+        if isinstance(self.action_space, spaces.Box):
+            actions = np.mean([m.predict(obs, deterministic=deterministic)[0] for m in self.models], axis=0)
+        elif hasattr(self.models[0].policy, "q_net"):
+            actions = self.q_values(obs).argmax(-1)
+        else:
+            p = self.action_probs(obs)
+            if deterministic:
+                actions = p.argmax(-1)
+            else:
+                cum = p.cumsum(-1)
+                u = self.rng.random((len(p), 1)) * cum[:, -1:]
+                actions = np.minimum((u > cum).sum(-1), p.shape[1] - 1)
+        return (actions[0] if single else actions), None
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/ensemble.json`` listing the members (relative to ``folder`` where possible)."""
+        folder = Path(folder)
+        if len(self.paths) != len(self.models):
+            raise ValueError("PolicyEnsemble.save needs the members' paths (build it with load_ensemble)")
+        members = []
+        for p in self.paths:
+            p = Path(p)
+            try:
+                members.append(str(p.resolve().relative_to(folder.resolve())))
+            except ValueError:
+                members.append(str(p))
+        path = folder / MANIFEST
+        path.write_text(json.dumps({"members": members, "combine": "mean action distribution"}, indent=1))
+        return path
+
+
+def load_ensemble(paths: list[str | Path], algo_cls, device: str = "cpu") -> PolicyEnsemble:
+    """Load each ``.zip`` in ``paths`` with ``algo_cls`` (an SB3 class) into one ensemble."""
+    return PolicyEnsemble([algo_cls.load(p, device=device) for p in paths], [str(p) for p in paths])
+
+
+def load_agent_policy(folder: str | Path, algo_cls, device: str = "cpu"):
+    """An agent folder's policy: the ensemble of ``ensemble.json`` if there is one, else ``policy.zip``."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        try:
+            members = json.loads(manifest.read_text())["members"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{manifest}: not an ensemble manifest ({e})") from e
+        paths = [p if Path(p).is_absolute() else folder / p for p in members]
+        missing = [str(p) for p in paths if not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError(f"{manifest}: member files missing: {', '.join(missing)}")
+        return load_ensemble(paths, algo_cls, device)
+    path = folder / "policy.zip"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: no policy.zip (or {MANIFEST}); train the agent first")
+    return algo_cls.load(path, device=device)
