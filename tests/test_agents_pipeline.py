@@ -72,6 +72,7 @@ def test_outer_loop_collects_with_the_agent_retrains_and_continues(tmp_path):
     cfg = tiny_pipeline_cfg(tmp_path)
     with open_dict(cfg):
         cfg.pipeline = {"iterations": 2, "collect_episodes": 3, "epsilon": 0.5, "max_real_frames": 50_000}
+        cfg.agent.snapshot_every, cfg.agent.ensemble_snapshots = 32, 2  # the agent collects as a snapshot ensemble
     results = pipeline.run(cfg)
     first = results["collect"]["transitions"]
     second = results["collect@1"]
@@ -81,12 +82,16 @@ def test_outer_loop_collects_with_the_agent_retrains_and_continues(tmp_path):
     with DatasetReader(tmp_path / "iter1" / "data" / "collected") as r:
         assert r.metadata["sfv_world"]["policy"]["name"] == "sb3-imagination"
         assert r.metadata["sfv_world"]["collect_envs"] == 3  # pipeline.collect_envs (16) capped by the episodes
+        assert json.dumps(r.metadata).count("ensemble.json") >= 1  # collected by the ensemble
     assert (tmp_path / "iter1" / "checkpoints" / "last.pt").is_file()
     assert results["agent@1"]["imagination"]["dream_steps"] == 128  # continued from iteration 0's 64 steps
     agent_json = json.loads((tmp_path / "report" / "agent.json").read_text())
     assert [h["iteration"] for h in agent_json["iterations"]] == [0, 1]
     assert agent_json["real_frames_used"] == second["transitions"]
     assert "Outer loop" in (tmp_path / "report" / "report.md").read_text()
+    assert agent_json["ensemble_members"] == ["96.zip", "128.zip"]  # the last two of 32, 64, 96, 128
+    assert agent_json["last_policy_real_return_mean"] > 0
+    assert "last policy alone" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_finetune_iterations_continue_the_previous_world_model(tmp_path):

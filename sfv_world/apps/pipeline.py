@@ -210,7 +210,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     datasets together.
     """
     from sfv_world.agents.collection import BatchedImaginationAgentPolicy, merge_datasets
-    from sfv_world.agents.ensemble import load_agent_policy
+    from sfv_world.agents.ensemble import PolicyEnsemble, load_agent_policy
     from sfv_world.agents.evaluation import ObservationSpec
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.agent import agent_dirs
@@ -234,8 +234,8 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     runtime = WorldRuntime.from_checkpoint(prev.checkpoint, batch_size=n_envs, seed=int(cur.seed))
     spec = ObservationSpec.from_runtime(runtime, str(cur.agent.obs_mode), int(cur.agent.frame_stack))
     spec.check_env(cur.env)
-    policy_path = agent_dirs(prev)["imagination"] / "policy.zip"
     model = load_agent_policy(agent_dirs(prev)["imagination"], algo_class(cur.agent.algo))
+    policy_path = agent_dirs(prev)["imagination"] / ("ensemble.json" if isinstance(model, PolicyEnsemble) else "policy.zip")
     envs = [make_source_env(cur.env) for _ in range(n_envs)]
     try:
         policy = BatchedImaginationAgentPolicy(
@@ -261,7 +261,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
 
 def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Fresh real-env evaluation of both saved policies and of a random policy (other seeds than training's)."""
-    from sfv_world.agents.ensemble import load_agent_policy
+    from sfv_world.agents.ensemble import PolicyEnsemble, load_agent_policy
     from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.agent import agent_dirs
@@ -280,6 +280,10 @@ def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = ObservationSpec.from_runtime(runtime, str(cfg.agent.obs_mode), int(cfg.agent.frame_stack))
     model = load_agent_policy(dirs["imagination"], cls)  # the snapshot ensemble where the agent made one
     out["imagination"] = evaluate_real(model, cfg.env, spec, episodes, seed, runtime_factory=factory).as_dict()
+    if isinstance(model, PolicyEnsemble):  # the ensemble's last member alone, on the same episodes
+        last = cls.load(dirs["imagination"] / "policy.zip", device="cpu")
+        out["imagination_last_policy"] = evaluate_real(last, cfg.env, spec, episodes, seed,
+                                                       runtime_factory=factory).as_dict()
     pixel_spec = dataclasses.replace(spec, obs_mode="pixels")
     if (dirs["model_free"] / "policy.zip").exists():
         model = cls.load(dirs["model_free"] / "policy.zip", device="cpu")
@@ -469,6 +473,8 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         "real_return_mean": im.get("return_mean"),
         "real_return_std": im.get("return_std"),
         "eval_episodes": im.get("episodes"),
+        "ensemble_members": (agent.get("imagination") or {}).get("ensemble_members"),
+        "last_policy_real_return_mean": ((evaluation or {}).get("imagination_last_policy") or {}).get("return_mean"),
         "model_free_real_return_mean": ((evaluation or {}).get("model_free") or {}).get("return_mean"),
         "random_real_return_mean": ((evaluation or {}).get("random") or {}).get("return_mean"),
         "real_frames_used": collect.get("transitions"),
@@ -525,8 +531,10 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
               f"the model-free baseline trains the same algorithm in the real env for as many real steps as the "
               f"dataset holds ({fmt(collect.get('transitions'))}).", "",
               "| policy | real-env mean return | std | episodes |", "|---|---|---|---|"]
-    for name, key in (("imagination (dream only)", "imagination"), ("model-free (real steps)", "model_free"),
-                      ("random", "random")):
+    members = agent_json["ensemble_members"]
+    agent_name = f"imagination (dream only; ensemble of {len(members)} snapshots)" if members else "imagination (dream only)"
+    for name, key in ((agent_name, "imagination"), ("imagination, last policy alone", "imagination_last_policy"),
+                      ("model-free (real steps)", "model_free"), ("random", "random")):
         e = (evaluation or {}).get(key)
         if e:
             lines.append(f"| {name} | {e['return_mean']:.1f} | {e['return_std']:.1f} | {e['episodes']} |")
