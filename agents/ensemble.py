@@ -48,14 +48,14 @@ class PolicyEnsemble:
         return len(self.models)
 
     def action_probs(self, obs: np.ndarray) -> np.ndarray:
-        """Discrete actor-critic members: mean action probabilities, float32 [N, n_actions]."""
+        """Discrete actor-critic members: mean action probabilities of a batch, float32 [N, n_actions]."""
         with torch.no_grad():
             t = self.models[0].policy.obs_to_tensor(obs)[0]
             p = sum(m.policy.get_distribution(t).distribution.probs for m in self.models) / len(self.models)
         return p.cpu().numpy()
 
     def q_values(self, obs: np.ndarray) -> np.ndarray:
-        """DQN members: mean Q-values, float32 [N, n_actions]."""
+        """DQN members: mean Q-values of a batch, float32 [N, n_actions]."""
         with torch.no_grad():
             t = self.models[0].policy.obs_to_tensor(obs)[0]
             q = sum(m.policy.q_net(t) for m in self.models) / len(self.models)
@@ -63,14 +63,13 @@ class PolicyEnsemble:
 
     def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> tuple[np.ndarray, None]:
-        """SB3's ``predict`` for a batch of observations [N, ...]: actions [N] (Discrete) or [N, A] (Box)."""
-        obs = np.asarray(observation)
-        single = obs.shape == self.observation_space.shape
-        if single:
-            obs = obs[None]
+        """SB3's ``predict``: a batch of observations [N, ...] -> actions [N] (Discrete) or [N, A] (Box); one
+        observation -> one action. Observations are preprocessed as SB3 does (channel order, batching)."""
         if isinstance(self.action_space, spaces.Box):
-            actions = np.mean([m.predict(obs, deterministic=deterministic)[0] for m in self.models], axis=0)
-        elif hasattr(self.models[0].policy, "q_net"):
+            return np.mean([m.predict(observation, deterministic=deterministic)[0] for m in self.models], axis=0), None
+        _, vectorized = self.models[0].policy.obs_to_tensor(observation)
+        obs = observation if vectorized else np.asarray(observation)[None]
+        if hasattr(self.models[0].policy, "q_net"):
             actions = self.q_values(obs).argmax(-1)
         else:
             p = self.action_probs(obs)
@@ -80,7 +79,7 @@ class PolicyEnsemble:
                 cum = p.cumsum(-1)
                 u = self.rng.random((len(p), 1)) * cum[:, -1:]
                 actions = np.minimum((u > cum).sum(-1), p.shape[1] - 1)
-        return (actions[0] if single else actions), None
+        return (actions if vectorized else actions[0]), None
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/ensemble.json`` listing the members (relative to ``folder`` where possible)."""
