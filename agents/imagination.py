@@ -292,6 +292,9 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         monitored = VecMonitor(venv)
     if settings.action_noise > 0:
         monitored = RandomActionVecEnv(monitored, settings.action_noise, seed=settings.seed)
+    if not ckpt.exists():  # a fresh run: snapshots left in the folder by another run are not this run's
+        for old in list_snapshots(out):
+            old.unlink()
     if ckpt.exists():
         model = cls.load(ckpt, env=monitored, device="cpu", tensorboard_log=str(out / "tb"))
         print(f"[agent] resuming from {ckpt} at {model.num_timesteps} steps")

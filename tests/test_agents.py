@@ -313,6 +313,9 @@ def test_snapshots_are_saved_every_n_steps(cartpole, tmp_path):
     assert [p.stem for p in snaps] == ["64", "128", "192", "256"]  # 8 envs: a multiple of 64 is reached exactly
     assert PPO.load(snaps[-1]).num_timesteps == 256
     assert list_snapshots(tmp_path / "none") == []
+    (tmp_path / "checkpoint.zip").unlink()  # a fresh run in the same folder starts without the old snapshots
+    train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, small(snapshot_every=128, total_timesteps=128))
+    assert [p.stem for p in list_snapshots(tmp_path)] == ["128"]
 
 
 def test_snapshot_ensemble_is_the_agent(cartpole, tmp_path):
