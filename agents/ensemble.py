@@ -49,17 +49,17 @@ class PolicyEnsemble:
 
     def action_probs(self, obs: np.ndarray) -> np.ndarray:
         """Discrete actor-critic members: mean action probabilities of a batch, float32 [N, n_actions]."""
-        with torch.no_grad():
-            t = self.models[0].policy.obs_to_tensor(obs)[0]
-            p = sum(m.policy.get_distribution(t).distribution.probs for m in self.models) / len(self.models)
-        return p.cpu().numpy()
+        return self._mean_output(self.models[0].policy.obs_to_tensor(obs)[0])
 
-    def q_values(self, obs: np.ndarray) -> np.ndarray:
-        """DQN members: mean Q-values of a batch, float32 [N, n_actions]."""
+    def _mean_output(self, t: torch.Tensor) -> np.ndarray:
+        """Preprocessed observations [N, ...] -> the members' mean action probabilities (actor-critic) or
+        mean Q-values (DQN), float32 [N, n_actions]."""
         with torch.no_grad():
-            t = self.models[0].policy.obs_to_tensor(obs)[0]
-            q = sum(m.policy.q_net(t) for m in self.models) / len(self.models)
-        return q.cpu().numpy()
+            if hasattr(self.models[0].policy, "q_net"):
+                out = sum(m.policy.q_net(t) for m in self.models)
+            else:
+                out = sum(m.policy.get_distribution(t).distribution.probs for m in self.models)
+        return (out / len(self.models)).cpu().numpy()
 
     def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> tuple[np.ndarray, None]:
@@ -67,18 +67,14 @@ class PolicyEnsemble:
         observation -> one action. Observations are preprocessed as SB3 does (channel order, batching)."""
         if isinstance(self.action_space, spaces.Box):
             return np.mean([m.predict(observation, deterministic=deterministic)[0] for m in self.models], axis=0), None
-        _, vectorized = self.models[0].policy.obs_to_tensor(observation)
-        obs = observation if vectorized else np.asarray(observation)[None]
-        if hasattr(self.models[0].policy, "q_net"):
-            actions = self.q_values(obs).argmax(-1)
-        else:
-            p = self.action_probs(obs)
-            if deterministic:
-                actions = p.argmax(-1)
-            else:
-                cum = p.cumsum(-1)
-                u = self.rng.random((len(p), 1)) * cum[:, -1:]
-                actions = np.minimum((u > cum).sum(-1), p.shape[1] - 1)
+        t, vectorized = self.models[0].policy.obs_to_tensor(observation)  # [N, ...], N = 1 for one observation
+        out = self._mean_output(t)
+        if deterministic or hasattr(self.models[0].policy, "q_net"):
+            actions = out.argmax(-1)
+        else:  # sample from the mean distribution
+            cum = out.cumsum(-1)
+            u = self.rng.random((len(out), 1)) * cum[:, -1:]
+            actions = np.minimum((u > cum).sum(-1), out.shape[1] - 1)
         return (actions if vectorized else actions[0]), None
 
     def save(self, folder: str | Path) -> Path:

@@ -292,13 +292,12 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         monitored = VecMonitor(venv)
     if settings.action_noise > 0:
         monitored = RandomActionVecEnv(monitored, settings.action_noise, seed=settings.seed)
-    if not ckpt.exists():  # a fresh run: snapshots left in the folder by another run are not this run's
-        for old in list_snapshots(out):
-            old.unlink()
     if ckpt.exists():
         model = cls.load(ckpt, env=monitored, device="cpu", tensorboard_log=str(out / "tb"))
         print(f"[agent] resuming from {ckpt} at {model.num_timesteps} steps")
     else:
+        for stale in list_snapshots(out):  # a fresh run: snapshots another run left here are not this run's
+            stale.unlink()
         kwargs = resolve_schedules({**algo_kwargs(settings.algo, settings.n_envs, settings.total_timesteps), **settings.algo_kwargs})
         model = cls(policy_name, monitored, policy_kwargs=policy_kwargs, seed=settings.seed, device="cpu",
                     tensorboard_log=str(out / "tb"), verbose=0, **kwargs)
@@ -323,7 +322,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         log.close()
     model.save(out / "policy.zip")
     (out / MANIFEST).unlink(missing_ok=True)  # a previous run's ensemble is not this run's
-    single = final
+    single, members = final, []
     if settings.ensemble_snapshots:
         members = list_snapshots(out)[-int(settings.ensemble_snapshots):]
         ensemble = load_ensemble(members, cls)
@@ -341,8 +340,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         "real_length_mean": final["real_length_mean"],
         "imagined_return_mean": final["imagined_return_mean"],
         "last_policy_real_return_mean": single["real_return_mean"],
-        "ensemble_members": [p.name for p in list_snapshots(out)[-int(settings.ensemble_snapshots):]]
-        if settings.ensemble_snapshots else None,
+        "ensemble_members": [p.name for p in members] or None,
         "eval_episodes": settings.eval_episodes,
         "dream_steps": int(model.num_timesteps),
         "wall_s": round(time.time() - t0, 1),

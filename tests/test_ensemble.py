@@ -47,6 +47,7 @@ def test_dqn_members_average_q_values():
     with torch.no_grad():
         q = sum(m.policy.q_net(torch.as_tensor(obs)) for m in models).numpy() / 2
     np.testing.assert_array_equal(PolicyEnsemble(models).predict(obs)[0], q.argmax(-1))
+    np.testing.assert_array_equal(PolicyEnsemble(models).predict(obs[3])[0], q[3].argmax())
 
 
 def test_box_actions_are_averaged():

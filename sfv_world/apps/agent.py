@@ -40,9 +40,11 @@ def context_dataset(cfg: DictConfig, payload_dataset: dict[str, Any]) -> str | N
     """The dataset the dream takes reset context from: ``cfg.dataset`` where it exists, else None (the
     checkpoint's own dataset). Raises, naming both, when neither exists."""
     wanted = OmegaConf.select(cfg, "dataset", default=None)
-    if wanted is not None and Path(str(wanted)).exists():
-        return str(wanted)
     recorded = payload_dataset.get("path")
+    if wanted is not None and Path(str(wanted)).exists():
+        if recorded is None or Path(str(wanted)).resolve() != Path(str(recorded)).resolve():
+            print(f"sfv-world agent: dream contexts from dataset={wanted} (the checkpoint was trained on {recorded})")
+        return str(wanted)
     if recorded is not None and Path(str(recorded)).exists():
         return None
     raise ValueError(f"dataset={wanted!r} does not exist, nor does the checkpoint's dataset {recorded!r}: the dream "
