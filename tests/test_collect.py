@@ -514,6 +514,49 @@ def test_sb3_cnn_policy_on_stacked_hwc_frames(tmp_path: Path) -> None:
         prev = f
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, on purpose
+def test_cli_collect_stops_when_the_interrupt_lands_in_a_weakref_callback(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A signal handled while Python runs a weakref callback has its KeyboardInterrupt dropped ("Exception
+    ignored"); the collector must still stop at its next env step (CI once hung here for 120 s)."""
+    import os
+    import weakref
+
+    from sfv_world.apps import collect as collect_app
+    from sfv_world.apps.cli import main
+
+    class Dropper:
+        pass
+
+    calls = {"n": 0}
+    real_make_policy = collect_app.make_policy
+
+    def make_policy(ccfg, action_space, seed):
+        policy = real_make_policy(ccfg, action_space, seed)
+        act = policy.__call__
+
+        class Interrupting(type(policy)):
+            def __call__(self, frame):
+                calls["n"] += 1
+                if calls["n"] == 30:  # mid-episode: the interrupt fires inside a weakref callback and is dropped
+                    obj = Dropper()
+                    weakref.finalize(obj, lambda: (os.kill(os.getpid(), signal.SIGINT), sum(range(1000))))
+                    del obj
+                return act(frame)
+
+        policy.__class__ = Interrupting
+        return policy
+
+    monkeypatch.setattr(collect_app, "make_policy", make_policy)
+    ds = tmp_path / "cp"
+    code = main(["collect", "env=cartpole", "collect.episodes=1000", "collect.frame_size=8", "collect.progress=false",
+                 f"dataset={ds}"])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert calls["n"] == 30  # stopped at the very next step
+    assert "interrupted" in err and not ds.exists() and partial_path_for(ds).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_cli_collect_interrupt_says_where_the_data_is(tmp_path: Path, sig: signal.Signals) -> None:
     """Ctrl-C, and `kill` (SIGTERM, which SDL would otherwise swallow), stop a rendering collector: exit 130,

@@ -35,14 +35,47 @@ def make_policy(ccfg: Any, action_space: gym.spaces.Space, seed: int) -> Policy:
     raise SystemExit(f"sfv-world collect: collect.policy must be one of {', '.join(POLICIES)}, got {name!r}")
 
 
-def _interrupt_on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+class _StopRequest:
+    """Ctrl-C and SIGTERM for the collector: raise KeyboardInterrupt now, and again at the next env step.
+
+    Python runs a signal handler between two bytecodes of the main thread, which can fall inside a weakref
+    callback or a ``__del__``; an exception raised there is printed as "Exception ignored" and dropped, and
+    the collector would go on for ever. The flag makes the next ``step``/``reset`` raise again
+    (:class:`_StopWhenAsked`), so one signal always stops the run.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+class _StopWhenAsked(gym.Wrapper):
+    """Raises KeyboardInterrupt from ``step``/``reset`` once ``request`` has seen a signal."""
+
+    def __init__(self, env: gym.Env, request: _StopRequest) -> None:
+        super().__init__(env)
+        self.request = request
+
+    def _check(self) -> None:
+        if self.request.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.request.signum}")
+
+    def step(self, action):
+        self._check()
+        return self.env.step(action)
+
+    def reset(self, **kwargs):
+        self._check()
+        return self.env.reset(**kwargs)
 
 
 def run(cfg: DictConfig) -> int:
     """Collect a dataset. SIGTERM is handled like Ctrl-C: finished episodes stay readable.
 
-    The handler is installed before the env exists on purpose: SDL (pygame, used by rendering
+    The handlers are installed before the env exists on purpose: SDL (pygame, used by rendering
     envs such as CartPole) takes over SIGTERM when it is still at its default disposition, and then
     turns it into a quit event nobody reads, so ``kill`` would not stop the collector.
     """
@@ -50,12 +83,16 @@ def run(cfg: DictConfig) -> int:
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return _run(cfg)
-    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+        return _run(cfg, None)
+    request = _StopRequest()
+    # a signal the parent set to ignored (`nohup`, `make test &` without job control) stays ignored
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
-        return _run(cfg)
+        return _run(cfg, request)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def crop_list(env_cfg) -> list[int] | None:
@@ -66,7 +103,7 @@ def crop_list(env_cfg) -> list[int] | None:
     return None if box is None else list(box)
 
 
-def _run(cfg: DictConfig) -> int:
+def _run(cfg: DictConfig, request: _StopRequest | None) -> int:
     from sfv_world.apps.inspect import format_summary, summarise
     from sfv_world.datasets import DatasetReader
     from sfv_world.envs.sources import make_source_env
@@ -80,6 +117,8 @@ def _run(cfg: DictConfig) -> int:
         raise SystemExit(f"sfv-world collect: {partial_path_for(path)} holds an interrupted collection; inspect it "
                          f"with `sfv-world inspect {partial_path_for(path)}`, delete it, or pass collect.overwrite=true")
     env = make_source_env(cfg.env)
+    if request is not None:
+        env = _StopWhenAsked(env, request)
     try:
         policy = make_policy(ccfg, env.action_space, int(cfg.seed))
         episodes = ccfg.episodes
