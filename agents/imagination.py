@@ -268,6 +268,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     venv.seed(settings.seed)
     runtime = venv.runtime
     spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
+    spec.check_env(env_cfg)  # a crop mismatch fails now, not at the first real evaluation minutes later
 
     def runtime_factory(batch: int) -> WorldRuntime:
         return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler,

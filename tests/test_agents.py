@@ -248,6 +248,14 @@ def test_real_env_must_crop_like_the_dataset(cartpole):
         assert ObservationSpec.from_meta(reader.metadata, 16, "pixels", 1).crop is None
 
 
+def test_agent_refuses_a_real_env_that_crops_otherwise_before_training(cartpole, tmp_path):
+    """The crop check runs before the first PPO step, not at the first real evaluation (minutes in)."""
+    with pytest.raises(ValueError, match=r"env.crop=\[160, 320, 0, 600\] but the world model's dataset was collected "
+                                         r"with crop None"):
+        train_in_imagination(cartpole["ckpt"], {**CARTPOLE, "crop": [160, 320, 0, 600]}, tmp_path, small())
+    assert not (tmp_path / "tb").exists()  # SB3 never started learning
+
+
 def test_model_free_baseline_uses_the_same_observations(cartpole, tmp_path):
     from sfv_world.agents.model_free import train_model_free
 
