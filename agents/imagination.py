@@ -16,14 +16,20 @@ Output folder (``out_dir``)::
     ensemble.json      with ``ensemble_snapshots`` = K: the agent is the ensemble of the last K snapshots
                        (:mod:`sfv_world.agents.ensemble`); the final evaluation is the ensemble's
     result.json        final real-env evaluation and settings
+
+With ``seeds`` = N > 1 (:func:`train_agent`) the folder holds N such runs, ``seed<s>/`` for seeds ``seed`` ..
+``seed + N - 1``, each trained independently in the same dream; ``ensemble.json`` lists their policies (mean
+action distribution), ``policy.zip`` is a copy of the first seed's alone, and ``result.json`` evaluates the
+ensemble and lists every member's own result.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +71,7 @@ class AgentSettings:
     snapshot_every: int | None = None  # save the policy to snapshots/<steps>.zip every this many steps (None: never)
     ensemble_snapshots: int | None = None  # the agent is the ensemble of its last K snapshots (None: the last policy)
     dataset: str | None = None  # dataset folder the dream draws reset context from (None: the checkpoint's)
+    seeds: int = 1  # N > 1: N agents with seeds seed..seed+N-1, trained independently, act as one ensemble
 
     @classmethod
     def from_config(cls, agent_cfg: Any, **extra: Any) -> AgentSettings:
@@ -79,6 +86,11 @@ class AgentSettings:
             raise ValueError(f"agent: total_timesteps, n_envs, eval_every, eval_episodes must be >= 1: {self}")
         if not 0.0 <= float(self.action_noise) <= 1.0:
             raise ValueError(f"agent.action_noise must be a probability in [0, 1], got {self.action_noise}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"agent.seeds must be an integer >= 1, got {self.seeds!r}")
+        if self.seeds > 1 and self.ensemble_snapshots is not None:
+            raise ValueError(f"agent.seeds={self.seeds} and agent.ensemble_snapshots={self.ensemble_snapshots}: choose "
+                             "one kind of ensemble (independent seeds or one run's snapshots)")
         if self.ensemble_snapshots is not None:
             if int(self.ensemble_snapshots) < 1 or not self.snapshot_every:
                 raise ValueError(f"agent.ensemble_snapshots={self.ensemble_snapshots} needs a count >= 1 and "
@@ -341,10 +353,74 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         "real_length_mean": final["real_length_mean"],
         "imagined_return_mean": final["imagined_return_mean"],
         "last_policy_real_return_mean": single["real_return_mean"],
+        "ensemble_kind": "snapshots" if members else None,
         "ensemble_members": [p.name for p in members] or None,
         "eval_episodes": settings.eval_episodes,
         "dream_steps": int(model.num_timesteps),
         "wall_s": round(time.time() - t0, 1),
+        "settings": asdict(settings),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
+                progress: bool = False) -> dict[str, Any]:
+    """``settings.seeds`` = 1: :func:`train_in_imagination`. N > 1: N independently seeded agents in ``seed<s>/``
+    (each resumes or is reused on its own), then their ensemble (mean action distribution), evaluated on the
+    same real episodes as a single agent would be. Returns the result dict (also ``out_dir/result.json``)."""
+    settings.validate()
+    if settings.seeds == 1:
+        return train_in_imagination(checkpoint, env_cfg, out_dir, settings, progress)
+    from sfv_world.world import WorldRuntime
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    t0 = time.time()
+    members, member_results = [], []
+    for k in range(settings.seeds):
+        seed = settings.seed + k
+        sub = out / f"seed{seed}"
+        done = sub / "result.json"
+        print(f"[agent] seed {seed} ({k + 1} of {settings.seeds})", flush=True)
+        if done.exists():
+            member_results.append(json.loads(done.read_text()))
+        else:
+            member_results.append(train_in_imagination(checkpoint, env_cfg, sub, replace(settings, seed=seed, seeds=1),
+                                                       progress))
+        members.append(sub / "policy.zip")
+    ensemble = load_ensemble(members, algo_class(settings.algo))
+    runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=1, device=settings.device,
+                                           sampler=settings.sampler or None, context_window=settings.context_window,
+                                           seed=settings.seed)
+    spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
+
+    def runtime_factory(batch: int) -> WorldRuntime:
+        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler,
+                            context_window=runtime.context_window, reencode_keep=runtime.reencode_keep)
+
+    ev = evaluate_real(ensemble, env_cfg, spec, episodes=settings.eval_episodes, seed=10_000 + settings.seed,
+                       runtime_factory=runtime_factory)
+    ensemble.save(out)
+    shutil.copyfile(members[0], out / "policy.zip")
+    alone = [r["real_return_mean"] for r in member_results]
+    print(f"[agent] ensemble of {len(members)} seeds: real return {ev.mean:.1f} +- {ev.std:.1f} (each alone: "
+          f"{', '.join(f'{v:.1f}' for v in alone)})", flush=True)
+    result = {
+        "kind": "imagination",
+        "checkpoint": str(checkpoint),
+        "real_return_mean": ev.mean,
+        "real_return_std": ev.std,
+        "real_length_mean": float(ev.lengths.mean()),
+        "imagined_return_mean": float(np.mean([r["imagined_return_mean"] for r in member_results])),
+        "last_policy_real_return_mean": alone[0],
+        "ensemble_kind": "seeds",
+        "ensemble_members": [str(p.relative_to(out)) for p in members],
+        "members": member_results,
+        "eval_episodes": settings.eval_episodes,
+        "dream_steps": int(sum(r["dream_steps"] for r in member_results)),
+        "wall_s": round(sum(r["wall_s"] for r in member_results) + time.time() - t0, 1),
         "settings": asdict(settings),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 from dream_fixtures import make_tiny_checkpoint
 from sfv_world.agents.evaluation import (
@@ -343,6 +344,37 @@ def test_snapshot_ensemble_is_the_agent(cartpole, tmp_path):
     assert again["ensemble_members"] is None and isinstance(load_agent_policy(tmp_path, PPO), PPO)
     with pytest.raises(ValueError, match="ensemble_snapshots=2 needs"):
         small(ensemble_snapshots=2).validate()
+
+
+def test_seed_ensemble_trains_independent_agents_and_acts_as_one(cartpole, tmp_path):
+    """agent.seeds=N: N agents with seeds seed..seed+N-1 in seed<s>/, each a full run; the agent folder's
+    policy is their ensemble, evaluated on the same real episodes; finished members are reused on a rerun."""
+    from stable_baselines3 import PPO
+
+    from sfv_world.agents.ensemble import PolicyEnsemble, load_agent_policy
+    from sfv_world.agents.imagination import train_agent
+
+    result = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(seeds=2, seed=3))
+    assert result["ensemble_kind"] == "seeds" and result["ensemble_members"] == ["seed3/policy.zip", "seed4/policy.zip"]
+    members = [json.loads((tmp_path / f"seed{s}" / "result.json").read_text()) for s in (3, 4)]
+    assert [m["settings"]["seed"] for m in members] == [3, 4] and all(m["settings"]["seeds"] == 1 for m in members)
+    a, b = (PPO.load(tmp_path / f"seed{s}" / "policy.zip") for s in (3, 4))
+    pa, pb = (dict(m.policy.named_parameters()) for m in (a, b))
+    assert any(not torch.equal(pa[k], pb[k]) for k in pa)  # differently seeded, not one agent twice
+    assert result["dream_steps"] == 2 * 256 and result["last_policy_real_return_mean"] == members[0]["real_return_mean"]
+    assert np.isfinite(result["real_return_mean"]) and len(result["members"]) == 2
+    agent = load_agent_policy(tmp_path, PPO)
+    assert isinstance(agent, PolicyEnsemble) and len(agent) == 2
+    assert (tmp_path / "policy.zip").read_bytes() == (tmp_path / "seed3" / "policy.zip").read_bytes()
+    # a rerun reuses finished members instead of retraining them
+    stamp = (tmp_path / "seed3" / "policy.zip").stat().st_mtime_ns
+    again = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(seeds=2, seed=3))
+    assert (tmp_path / "seed3" / "policy.zip").stat().st_mtime_ns == stamp
+    assert again["members"] == result["members"]
+    with pytest.raises(ValueError, match="agent.seeds must be an integer >= 1"):
+        small(seeds=0).validate()
+    with pytest.raises(ValueError, match="choose one kind of ensemble"):
+        small(seeds=2, snapshot_every=64, ensemble_snapshots=2).validate()
 
 
 def test_bad_agent_settings():

@@ -119,6 +119,27 @@ def test_agent_restart_iterations_keep_one_iterations_budget(tmp_path):
         agent_warm_start(cfg)
 
 
+def test_pipeline_with_a_seed_ensemble(tmp_path):
+    """agent.seeds=2: the pipeline evaluates the ensemble and the first seed alone, and says so in the report;
+    an outer loop that would warm-start one agent refuses before any stage runs."""
+    from sfv_world.apps import pipeline
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    cfg.agent.seeds = 2
+    cfg.pipeline.iterations = 2
+    with pytest.raises(ValueError, match="agent.seeds=2 trains several: pass pipeline.agent_warm_start=false"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "data").exists()
+    cfg.pipeline.iterations = 1
+    pipeline.run(cfg)
+    agent_json = json.loads((tmp_path / "report" / "agent.json").read_text())
+    assert agent_json["ensemble_kind"] == "seeds"
+    assert agent_json["ensemble_members"] == ["seed0/policy.zip", "seed1/policy.zip"]
+    assert agent_json["last_policy_real_return_mean"] is not None and agent_json["dream_steps"] == 2 * 64
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "ensemble of 2 independently seeded agents" in text and "first seed's agent alone" in text
+
+
 def test_collector_timesteps_shorten_every_agent_but_the_last(tmp_path):
     from omegaconf import open_dict
 

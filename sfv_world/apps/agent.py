@@ -53,7 +53,7 @@ def context_dataset(cfg: DictConfig, payload_dataset: dict[str, Any]) -> str | N
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     from sfv_world.agents.evaluation import ObservationSpec
-    from sfv_world.agents.imagination import AgentSettings, train_in_imagination
+    from sfv_world.agents.imagination import AgentSettings, train_agent
     from sfv_world.agents.model_free import train_model_free
     from sfv_world.checkpoint import load_checkpoint
     from sfv_world.train import resolve_device
@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["imagination"] = json.loads(done.read_text())
         print(f"sfv-world agent: {done} exists; not retraining")
     else:
-        results["imagination"] = train_in_imagination(checkpoint, cfg.env, dirs["imagination"], settings, progress)
+        results["imagination"] = train_agent(checkpoint, cfg.env, dirs["imagination"], settings, progress)
 
     if bool(OmegaConf.select(cfg, "agent.baseline", default=False)):
         done = dirs["model_free"] / "result.json"

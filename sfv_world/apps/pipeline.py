@@ -135,11 +135,20 @@ def stage_agent(cfg: DictConfig, warm_start: Path | None = None) -> dict[str, An
     from sfv_world.apps import agent
 
     if warm_start is not None:
+        check_warm_start_seeds(cfg)
         target = agent.agent_dirs(cfg)["imagination"] / "checkpoint.zip"
         if not target.exists() and warm_start.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(warm_start, target)
     return agent.run(_with(cfg, **{"agent.baseline": False}))
+
+
+def check_warm_start_seeds(cfg: DictConfig) -> None:
+    """A warm-started agent is one agent: refuse ``agent.seeds`` > 1 with ``pipeline.agent_warm_start``."""
+    seeds = int(OmegaConf.select(cfg, "agent.seeds", default=1))
+    if seeds > 1 and agent_warm_start(cfg):
+        raise ValueError(f"pipeline.agent_warm_start continues one agent, but agent.seeds={seeds} trains several: "
+                         "pass pipeline.agent_warm_start=false")
 
 
 def stage_baseline(cfg: DictConfig) -> dict[str, Any]:
@@ -280,7 +289,7 @@ def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = ObservationSpec.from_runtime(runtime, str(cfg.agent.obs_mode), int(cfg.agent.frame_stack))
     model = load_agent_policy(dirs["imagination"], cls)  # the snapshot ensemble where the agent made one
     out["imagination"] = evaluate_real(model, cfg.env, spec, episodes, seed, runtime_factory=factory).as_dict()
-    if isinstance(model, PolicyEnsemble):  # the ensemble's last member alone, on the same episodes
+    if isinstance(model, PolicyEnsemble):  # policy.zip alone (the last snapshot, or the first seed), same episodes
         last = cls.load(dirs["imagination"] / "policy.zip", device="cpu")
         out["imagination_last_policy"] = evaluate_real(last, cfg.env, spec, episodes, seed,
                                                        runtime_factory=factory).as_dict()
@@ -474,6 +483,7 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         "real_return_std": im.get("return_std"),
         "eval_episodes": im.get("episodes"),
         "ensemble_members": (agent.get("imagination") or {}).get("ensemble_members"),
+        "ensemble_kind": (agent.get("imagination") or {}).get("ensemble_kind"),
         "last_policy_real_return_mean": ((evaluation or {}).get("imagination_last_policy") or {}).get("return_mean"),
         "model_free_real_return_mean": ((evaluation or {}).get("model_free") or {}).get("return_mean"),
         "random_real_return_mean": ((evaluation or {}).get("random") or {}).get("return_mean"),
@@ -532,8 +542,11 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
               f"dataset holds ({fmt(collect.get('transitions'))}).", "",
               "| policy | real-env mean return | std | episodes |", "|---|---|---|---|"]
     members = agent_json["ensemble_members"]
-    agent_name = f"imagination (dream only; ensemble of {len(members)} snapshots)" if members else "imagination (dream only)"
-    for name, key in ((agent_name, "imagination"), ("imagination, last policy alone", "imagination_last_policy"),
+    seeds = agent_json.get("ensemble_kind") == "seeds"
+    kind = "independently seeded agents" if seeds else "snapshots"
+    agent_name = f"imagination (dream only; ensemble of {len(members)} {kind})" if members else "imagination (dream only)"
+    alone = "imagination, first seed's agent alone" if seeds else "imagination, last policy alone"
+    for name, key in ((agent_name, "imagination"), (alone, "imagination_last_policy"),
                       ("model-free (real steps)", "model_free"), ("random", "random")):
         e = (evaluation or {}).get(key)
         if e:
@@ -578,6 +591,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     max_frames = int(OmegaConf.select(cfg, "pipeline.max_real_frames", default=50_000))
     if iterations < 1:
         raise ValueError(f"pipeline.iterations must be >= 1, got {iterations}")
+    if iterations > 1:
+        check_warm_start_seeds(cfg)  # now, not after the first iteration's stages
     results: dict[str, Any] = {
         "collect": stages.run("collect", lambda: stage_collect(cfg)),
         "train": stages.run("train", lambda: stage_train(cfg)),
