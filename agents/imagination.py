@@ -91,10 +91,9 @@ class AgentSettings:
         if self.seeds > 1 and self.ensemble_snapshots is not None:
             raise ValueError(f"agent.seeds={self.seeds} and agent.ensemble_snapshots={self.ensemble_snapshots}: choose "
                              "one kind of ensemble (independent seeds or one run's snapshots)")
-        if self.ensemble_snapshots is not None:
-            if int(self.ensemble_snapshots) < 1 or not self.snapshot_every:
-                raise ValueError(f"agent.ensemble_snapshots={self.ensemble_snapshots} needs a count >= 1 and "
-                                 f"agent.snapshot_every set (got {self.snapshot_every})")
+        if self.ensemble_snapshots is not None and (int(self.ensemble_snapshots) < 1 or not self.snapshot_every):
+            raise ValueError(f"agent.ensemble_snapshots={self.ensemble_snapshots} needs a count >= 1 and "
+                             f"agent.snapshot_every set (got {self.snapshot_every})")
         policy_for(self.obs_mode, _dummy_space(self.obs_mode), self.policy)
         algo_class(self.algo)
 
@@ -253,6 +252,25 @@ def latent_feature_stats(venv, steps: int = 16, seed: int = 0, min_std: float = 
     return x.mean(0).astype(np.float32), np.maximum(x.std(0), min_std).astype(np.float32)
 
 
+def real_evaluator(runtime, env_cfg: Any, settings: AgentSettings):
+    """``evaluate(model)``: ``settings.eval_episodes`` real episodes (seeds ``10_000 + settings.seed`` on) with
+    the observations of ``runtime``'s world model; raises now if ``env_cfg`` crops unlike its dataset."""
+    from sfv_world.world import WorldRuntime
+
+    spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
+    spec.check_env(env_cfg)
+
+    def runtime_factory(batch: int) -> WorldRuntime:
+        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler,
+                            context_window=runtime.context_window, reencode_keep=runtime.reencode_keep)
+
+    def evaluate(model):
+        return evaluate_real(model, env_cfg, spec, episodes=settings.eval_episodes, seed=10_000 + settings.seed,
+                             runtime_factory=runtime_factory)
+
+    return evaluate
+
+
 def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
                          progress: bool = False) -> dict[str, Any]:
     """Train ``settings.algo`` inside the dream of ``checkpoint``; evaluate in the real env of ``env_cfg``.
@@ -262,8 +280,6 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     """
     import torch
     from sfv_world.envs.sb3 import DreamSB3VecEnv
-
-    from sfv_world.world import WorldRuntime
 
     settings.validate()
     out = Path(out_dir)
@@ -279,16 +295,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     )
     venv.seed(settings.seed)
     runtime = venv.runtime
-    spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
-    spec.check_env(env_cfg)  # a crop mismatch fails now, not at the first real evaluation minutes later
-
-    def runtime_factory(batch: int) -> WorldRuntime:
-        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler,
-                            context_window=runtime.context_window, reencode_keep=runtime.reencode_keep)
-
-    def evaluate(model):
-        return evaluate_real(model, env_cfg, spec, episodes=settings.eval_episodes, seed=10_000 + settings.seed,
-                             runtime_factory=runtime_factory)
+    evaluate = real_evaluator(runtime, env_cfg, settings)  # checks the crop now, not at the first evaluation
 
     policy_name, policy_kwargs = policy_for(settings.obs_mode, venv.observation_space, settings.policy)
     cls = algo_class(settings.algo)
@@ -394,14 +401,7 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
     runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=1, device=settings.device,
                                            sampler=settings.sampler or None, context_window=settings.context_window,
                                            seed=settings.seed)
-    spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
-
-    def runtime_factory(batch: int) -> WorldRuntime:
-        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler,
-                            context_window=runtime.context_window, reencode_keep=runtime.reencode_keep)
-
-    ev = evaluate_real(ensemble, env_cfg, spec, episodes=settings.eval_episodes, seed=10_000 + settings.seed,
-                       runtime_factory=runtime_factory)
+    ev = real_evaluator(runtime, env_cfg, settings)(ensemble)
     ensemble.save(out)
     shutil.copyfile(members[0], out / "policy.zip")
     alone = [r["real_return_mean"] for r in member_results]
