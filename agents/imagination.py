@@ -20,7 +20,10 @@ Output folder (``out_dir``)::
 With ``seeds`` = N > 1 (:func:`train_agent`) the folder holds N such runs, ``seed<s>/`` for seeds ``seed`` ..
 ``seed + N - 1``, each trained independently in the same dream; ``ensemble.json`` lists their policies (mean
 action distribution), ``policy.zip`` is a copy of the first seed's alone, and ``result.json`` evaluates the
-ensemble and lists every member's own result.
+ensemble and lists every member's own result. With ``select`` = ``"best"`` each seed's agent and the ensemble
+play the same real episodes and the best mean return is the agent (:func:`select_agent`): ``policy.zip`` is
+that seed's policy (no ``ensemble.json``) or the ensemble as above, and ``result.json["selection"]`` holds the
+scores and the real frames the choice cost.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from sfv_world.agents.policies import StandardizedFeatures, algo_class, algo_kwa
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor
 
+SELECT_RULES = ("ensemble", "best")
 EVAL_FIELDS = ["timesteps", "imagined_return_mean", "imagined_length_mean", "real_return_mean", "real_return_std",
                "real_length_mean", "wall_s"]
 
@@ -72,6 +76,8 @@ class AgentSettings:
     ensemble_snapshots: int | None = None  # the agent is the ensemble of its last K snapshots (None: the last policy)
     dataset: str | None = None  # dataset folder the dream draws reset context from (None: the checkpoint's)
     seeds: int = 1  # N > 1: N agents with seeds seed..seed+N-1, trained independently, act as one ensemble
+    select: str = "ensemble"  # seeds > 1: "ensemble" (all seeds together) | "best" (by real return, see select_agent)
+    select_max_frames: int | None = None  # select=best: real frames the selection episodes may use (None: no cap)
 
     @classmethod
     def from_config(cls, agent_cfg: Any, **extra: Any) -> AgentSettings:
@@ -91,6 +97,15 @@ class AgentSettings:
         if self.seeds > 1 and self.ensemble_snapshots is not None:
             raise ValueError(f"agent.seeds={self.seeds} and agent.ensemble_snapshots={self.ensemble_snapshots}: choose "
                              "one kind of ensemble (independent seeds or one run's snapshots)")
+        if self.select not in SELECT_RULES:
+            raise ValueError(f"agent.select must be one of {SELECT_RULES}, got {self.select!r}")
+        if self.select == "best" and self.seeds < 2:
+            raise ValueError(f"agent.select=best picks among agent.seeds > 1 agents, got agent.seeds={self.seeds}")
+        if self.select_max_frames is not None and (isinstance(self.select_max_frames, bool)
+                                                   or not isinstance(self.select_max_frames, int)
+                                                   or self.select_max_frames < 1):
+            raise ValueError(f"agent.select_max_frames must be a positive integer or null, got "
+                             f"{self.select_max_frames!r}")
         if self.ensemble_snapshots is not None and (int(self.ensemble_snapshots) < 1 or not self.snapshot_every):
             raise ValueError(f"agent.ensemble_snapshots={self.ensemble_snapshots} needs a count >= 1 and "
                              f"agent.snapshot_every set (got {self.snapshot_every})")
@@ -252,9 +267,10 @@ def latent_feature_stats(venv, steps: int = 16, seed: int = 0, min_std: float = 
     return x.mean(0).astype(np.float32), np.maximum(x.std(0), min_std).astype(np.float32)
 
 
-def real_evaluator(runtime, env_cfg: Any, settings: AgentSettings):
-    """``evaluate(model)``: ``settings.eval_episodes`` real episodes (seeds ``10_000 + settings.seed`` on) with
-    the observations of ``runtime``'s world model; raises now if ``env_cfg`` crops unlike its dataset."""
+def real_evaluator(runtime, env_cfg: Any, settings: AgentSettings, max_steps: int = 100_000):
+    """``evaluate(model)``: ``settings.eval_episodes`` real episodes (seeds ``10_000 + settings.seed`` on, each
+    cut after ``max_steps`` steps) with the observations of ``runtime``'s world model; raises now if
+    ``env_cfg`` crops unlike its dataset."""
     from sfv_world.world import WorldRuntime
 
     spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
@@ -266,7 +282,7 @@ def real_evaluator(runtime, env_cfg: Any, settings: AgentSettings):
 
     def evaluate(model):
         return evaluate_real(model, env_cfg, spec, episodes=settings.eval_episodes, seed=10_000 + settings.seed,
-                             runtime_factory=runtime_factory)
+                             runtime_factory=runtime_factory, max_steps=max_steps)
 
     return evaluate
 
@@ -371,11 +387,43 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     return result
 
 
+def select_agent(candidates: dict[str, Any], runtime, env_cfg: Any, settings: AgentSettings):
+    """Pick the candidate policy with the highest mean real return (``agent.select=best``).
+
+    Every candidate (name -> SB3 model or :class:`PolicyEnsemble`, all trained only in the dream) plays the
+    same ``settings.eval_episodes`` real episodes (seeds ``10_000 + settings.seed`` on). These are real
+    frames spent on a decision, so they are counted (``real_frames``) and capped: with
+    ``settings.select_max_frames`` = F each episode is cut after F // (episodes * candidates) steps, so the
+    selection never uses more than F frames. Ties go to the earlier candidate. Returns (selection dict,
+    the winner's :class:`~sfv_world.agents.evaluation.EvalResult`); the score is biased upwards by the
+    choice itself (judge the winner on other episodes).
+    """
+    n = settings.eval_episodes * len(candidates)
+    cap = 100_000 if settings.select_max_frames is None else int(settings.select_max_frames) // n
+    if cap < 1:
+        raise ValueError(f"agent.select_max_frames={settings.select_max_frames} cannot give {len(candidates)} "
+                         f"candidates {settings.eval_episodes} real episodes of at least one step each")
+    evaluate = real_evaluator(runtime, env_cfg, settings, max_steps=cap)
+    results = {}
+    for name, policy in candidates.items():
+        results[name] = evaluate(policy)
+        print(f"[agent] selection: {name} real return {results[name].mean:.1f} +- {results[name].std:.1f}", flush=True)
+    best = max(results, key=lambda k: results[k].mean)  # max keeps the first of equal scores
+    frames = int(sum(int(r.lengths.sum()) for r in results.values()))
+    print(f"[agent] selected {best} ({frames} real frames over {n} selection episodes)", flush=True)
+    selection = {"rule": "best mean real return", "selected": best, "episodes": settings.eval_episodes,
+                 "seed": 10_000 + settings.seed, "max_episode_steps": cap if settings.select_max_frames else None,
+                 "real_frames": frames, "scores": {k: r.mean for k, r in results.items()}}
+    return selection, results[best]
+
+
 def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
                 progress: bool = False) -> dict[str, Any]:
     """``settings.seeds`` = 1: :func:`train_in_imagination`. N > 1: N independently seeded agents in ``seed<s>/``
     (each resumes or is reused on its own), then their ensemble (mean action distribution), evaluated on the
-    same real episodes as a single agent would be. Returns the result dict (also ``out_dir/result.json``)."""
+    same real episodes as a single agent would be; with ``settings.select="best"`` the agent is whichever of
+    the N agents and their ensemble scores best on those episodes (:func:`select_agent`). Returns the result
+    dict (also ``out_dir/result.json``)."""
     settings.validate()
     if settings.seeds == 1:
         return train_in_imagination(checkpoint, env_cfg, out_dir, settings, progress)
@@ -401,12 +449,22 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
     runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=1, device=settings.device,
                                            sampler=settings.sampler or None, context_window=settings.context_window,
                                            seed=settings.seed)
-    ev = real_evaluator(runtime, env_cfg, settings)(ensemble)
-    ensemble.save(out)
-    shutil.copyfile(members[0], out / "policy.zip")
     alone = [r["real_return_mean"] for r in member_results]
-    print(f"[agent] ensemble of {len(members)} seeds: real return {ev.mean:.1f} +- {ev.std:.1f} (each alone: "
-          f"{', '.join(f'{v:.1f}' for v in alone)})", flush=True)
+    selection = None
+    if settings.select == "best":
+        candidates = {f"seed{settings.seed + k}": m for k, m in enumerate(ensemble.models)}
+        candidates["ensemble"] = ensemble
+        selection, ev = select_agent(candidates, runtime, env_cfg, settings)
+        chosen = selection["selected"]
+    else:
+        chosen, ev = "ensemble", real_evaluator(runtime, env_cfg, settings)(ensemble)
+    if chosen == "ensemble":
+        ensemble.save(out)
+        shutil.copyfile(members[0], out / "policy.zip")
+        print(f"[agent] ensemble of {len(members)} seeds: real return {ev.mean:.1f} +- {ev.std:.1f} (each alone: "
+              f"{', '.join(f'{v:.1f}' for v in alone)})", flush=True)
+    else:
+        shutil.copyfile(out / chosen / "policy.zip", out / "policy.zip")
     result = {
         "kind": "imagination",
         "checkpoint": str(checkpoint),
@@ -415,8 +473,9 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
         "real_length_mean": float(ev.lengths.mean()),
         "imagined_return_mean": float(np.mean([r["imagined_return_mean"] for r in member_results])),
         "last_policy_real_return_mean": alone[0],
-        "ensemble_kind": "seeds",
-        "ensemble_members": [str(p.relative_to(out)) for p in members],
+        "ensemble_kind": "seeds" if chosen == "ensemble" else None,
+        "ensemble_members": [str(p.relative_to(out)) for p in members] if chosen == "ensemble" else None,
+        "selection": selection,
         "members": member_results,
         "eval_episodes": settings.eval_episodes,
         "dream_steps": int(sum(r["dream_steps"] for r in member_results)),

@@ -375,11 +375,62 @@ def test_seed_ensemble_trains_independent_agents_and_acts_as_one(cartpole, tmp_p
         small(seeds=0).validate()
     with pytest.raises(ValueError, match="choose one kind of ensemble"):
         small(seeds=2, snapshot_every=64, ensemble_snapshots=2).validate()
+    # agent.select=best: the same members (reused, not retrained) and their ensemble compete on real episodes
+    best = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(seeds=2, seed=3, select="best"))
+    sel = best["selection"]
+    assert (tmp_path / "seed3" / "policy.zip").stat().st_mtime_ns == stamp
+    assert set(sel["scores"]) == {"seed3", "seed4", "ensemble"} and sel["episodes"] == 2 and sel["seed"] == 10_003
+    assert sel["selected"] == max(sel["scores"], key=sel["scores"].get)
+    assert best["real_return_mean"] == sel["scores"][sel["selected"]] and 6 <= sel["real_frames"]
+    chosen = load_agent_policy(tmp_path, PPO)
+    if sel["selected"] == "ensemble":
+        assert isinstance(chosen, PolicyEnsemble) and best["ensemble_kind"] == "seeds"
+    else:
+        assert not (tmp_path / "ensemble.json").exists() and best["ensemble_kind"] is None
+        assert (tmp_path / "policy.zip").read_bytes() == (tmp_path / sel["selected"] / "policy.zip").read_bytes()
+
+
+def test_select_agent_plays_every_candidate_on_the_same_capped_episodes(cartpole):
+    """agent.select=best: the candidate with the best mean real return wins on the same episodes; with
+    select_max_frames every episode is cut so that all of them together stay within the budget."""
+    from sfv_world.agents.imagination import select_agent
+    from sfv_world.world import WorldRuntime
+
+    class Constant:
+        def __init__(self, action):
+            self.action = action
+
+        def predict(self, obs, deterministic=True):
+            return np.full(len(obs), self.action, np.int64), None
+
+    class Alternate:  # left, right, left, ...: the pole stays up longer than under a constant push
+        def __init__(self):
+            self.calls = 0
+
+        def predict(self, obs, deterministic=True):
+            self.calls += 1
+            return np.full(len(obs), self.calls % 2, np.int64), None
+
+    runtime = WorldRuntime.from_checkpoint(cartpole["ckpt"], batch_size=1, seed=0)
+    candidates = {"left": Constant(0), "alternate": Alternate(), "right": Constant(1)}
+    sel, ev = select_agent(candidates, runtime, CARTPOLE, small(seeds=2, eval_episodes=3))
+    assert sel["selected"] == "alternate" and ev.mean == sel["scores"]["alternate"] > sel["scores"]["left"]
+    assert sel["episodes"] == 3 and sel["max_episode_steps"] is None and sel["real_frames"] > 3 * 3 * 5
+    capped, ev = select_agent(candidates, runtime, CARTPOLE, small(seeds=2, eval_episodes=3, select_max_frames=45))
+    assert capped["max_episode_steps"] == 5 and ev.lengths.max() <= 5 and capped["real_frames"] <= 45
+    with pytest.raises(ValueError, match="agent.select_max_frames=8 cannot give 3 candidates 3 real episodes"):
+        select_agent(candidates, runtime, CARTPOLE, small(seeds=2, eval_episodes=3, select_max_frames=8))
 
 
 def test_bad_agent_settings():
     with pytest.raises(ValueError, match="agent.algo must be one of"):
         small(algo="sac").validate()
+    with pytest.raises(ValueError, match=r"agent.select must be one of \('ensemble', 'best'\), got 'top'"):
+        small(seeds=2, select="top").validate()
+    with pytest.raises(ValueError, match="agent.select=best picks among agent.seeds > 1 agents"):
+        small(select="best").validate()
+    with pytest.raises(ValueError, match="agent.select_max_frames must be a positive integer or null, got 0"):
+        small(seeds=2, select="best", select_max_frames=0).validate()
     with pytest.raises(ValueError, match="does not fit obs_mode='latent'"):
         small(obs_mode="latent", policy="CnnPolicy").validate()
     name, kwargs = policy_for("pixels", __import__("gymnasium").spaces.Box(0, 255, (64, 64, 12), np.uint8))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -121,8 +122,10 @@ def test_agent_restart_iterations_keep_one_iterations_budget(tmp_path):
 
 def test_pipeline_with_a_seed_ensemble(tmp_path):
     """agent.seeds=2: the pipeline evaluates the ensemble and the first seed alone, and says so in the report;
-    an outer loop that would warm-start one agent refuses before any stage runs."""
+    an outer loop that would warm-start one agent refuses before any stage runs. With agent.select=best the
+    selection's real frames are capped by what the budget leaves and counted in real_frames_used."""
     from sfv_world.apps import pipeline
+    from sfv_world.apps.agent import agent_dirs
 
     cfg = tiny_pipeline_cfg(tmp_path)
     cfg.agent.seeds = 2
@@ -138,6 +141,22 @@ def test_pipeline_with_a_seed_ensemble(tmp_path):
     assert agent_json["last_policy_real_return_mean"] is not None and agent_json["dream_steps"] == 2 * 64
     text = (tmp_path / "report" / "report.md").read_text()
     assert "ensemble of 2 independently seeded agents" in text and "first seed's agent alone" in text
+    assert agent_json["selection_real_frames"] == 0 and agent_json["selected"] is None
+    # agent.select=best: the same seeds compete on real episodes; what is left of the budget caps them
+    frames = agent_json["real_frames_used"]
+    for stage in ("agent", "evaluate", "report"):
+        (tmp_path / "pipeline" / f"{stage}.json").unlink()
+    (agent_dirs(cfg)["imagination"] / "result.json").unlink()  # the seeds' own runs stay and are reused
+    cfg.agent.select = "best"
+    cfg.pipeline.max_real_frames = frames + 3 * 1 * 4  # 3 candidates, 1 episode each: 4 steps per episode
+    pipeline.run(cfg)
+    agent_json = json.loads((tmp_path / "report" / "agent.json").read_text())
+    sel = json.loads((agent_dirs(cfg)["imagination"] / "result.json").read_text())["selection"]
+    assert sel["max_episode_steps"] == 4 and 3 <= sel["real_frames"] <= 12
+    assert agent_json["selection_real_frames"] == sel["real_frames"] and agent_json["selected"] == sel["selected"]
+    assert agent_json["real_frames_used"] == frames + sel["real_frames"] <= cfg.pipeline.max_real_frames
+    assert f"{sel['selected']} chosen from 3 candidates by 1 real episodes each" in (
+        tmp_path / "report" / "report.md").read_text()
 
 
 def test_collector_timesteps_shorten_every_agent_but_the_last(tmp_path):
@@ -163,3 +182,20 @@ def test_collector_timesteps_shorten_every_agent_but_the_last(tmp_path):
     cfg.pipeline.collector_timesteps = 0
     with pytest.raises(ValueError, match="pipeline.collector_timesteps must be a positive integer"):
         iteration_cfg(cfg, 1)
+
+
+def test_only_the_recorded_benchmark_run_writes_benchmark_results(tmp_path):
+    """pipeline.record_benchmark=false keeps a cpu-demo experiment's quality figures in its own run folder
+    (it used to overwrite benchmarks/results/quality.json whatever the flag said)."""
+    from sfv_world.apps.pipeline import quality_output, records_benchmark
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    own = tmp_path / "report" / "quality.json"
+    assert not records_benchmark(cfg) and quality_output(cfg) == own
+    cfg.preset_name = "cpu-demo"
+    assert records_benchmark(cfg) and quality_output(cfg) == Path(cfg.quality.output)
+    cfg.pipeline.record_benchmark = False
+    assert not records_benchmark(cfg) and quality_output(cfg) == own
+    cfg.preset_name = "tiny"
+    cfg.pipeline.record_benchmark = True
+    assert records_benchmark(cfg) and quality_output(cfg) == Path(cfg.quality.output)

@@ -117,9 +117,17 @@ def stage_train(cfg: DictConfig) -> dict[str, Any]:
     return {"checkpoint": str(cfg.checkpoint), "final": {k: v for k, v in (metrics or {}).items() if "bpd_t" not in k}}
 
 
+def records_benchmark(cfg: DictConfig) -> bool:
+    """``pipeline.record_benchmark``: write the run's figures to ``benchmarks/results`` (null: only the cpu-demo
+    preset, whose ``make demo`` run is the recorded benchmark)."""
+    record = OmegaConf.select(cfg, "pipeline.record_benchmark", default=None)
+    return str(cfg.preset_name) == "cpu-demo" if record is None else bool(record)
+
+
 def quality_output(cfg: DictConfig) -> Path:
-    """benchmarks/results/quality.json for the cpu-demo preset (the recorded benchmark), else the run folder."""
-    if str(cfg.preset_name) == "cpu-demo":
+    """benchmarks/results/quality.json where the run is the recorded benchmark (records_benchmark), else the
+    run folder's report/quality.json."""
+    if records_benchmark(cfg):
         return Path(cfg.quality.output)
     return Path(cfg.run_dir) / "report" / "quality.json"
 
@@ -130,17 +138,38 @@ def stage_quality(cfg: DictConfig) -> dict[str, Any]:
     return quality.run(_with(cfg, **{"quality.output": str(quality_output(cfg))}))
 
 
-def stage_agent(cfg: DictConfig, warm_start: Path | None = None) -> dict[str, Any]:
-    """The imagination agent; ``warm_start``: a previous iteration's ``checkpoint.zip`` to continue from."""
-    from sfv_world.apps import agent
+def stage_agent(cfg: DictConfig, warm_start: Path | None = None, max_real_frames: int | None = None,
+                spent: int = 0) -> dict[str, Any]:
+    """The imagination agent; ``warm_start``: a previous iteration's ``checkpoint.zip`` to continue from.
 
+    With ``agent.select=best`` the real episodes that choose among the seeds are capped to what is left of
+    ``max_real_frames`` after the dataset and the ``spent`` frames of earlier selections (unless
+    ``agent.select_max_frames`` is set)."""
+    from sfv_world.apps import agent
+    from sfv_world.datasets import DatasetReader
+
+    overrides: dict[str, Any] = {"agent.baseline": False}
+    if (OmegaConf.select(cfg, "agent.select", default="ensemble") == "best" and max_real_frames is not None
+            and OmegaConf.select(cfg, "agent.select_max_frames", default=None) is None):
+        with DatasetReader(cfg.dataset) as reader:
+            left = int(max_real_frames) - reader.num_transitions - int(spent)
+        if left <= 0:
+            raise ValueError(f"agent.select=best needs real frames, but the budget pipeline.max_real_frames="
+                             f"{max_real_frames} is spent")
+        overrides["agent.select_max_frames"] = left
     if warm_start is not None:
         check_warm_start_seeds(cfg)
         target = agent.agent_dirs(cfg)["imagination"] / "checkpoint.zip"
         if not target.exists() and warm_start.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(warm_start, target)
-    return agent.run(_with(cfg, **{"agent.baseline": False}))
+    return agent.run(_with(cfg, **overrides))
+
+
+def selection_frames(results: dict[str, Any]) -> int:
+    """Real frames that agent stages (``agent``, ``agent@<k>`` results) spent choosing among seeds."""
+    return sum(int((((r or {}).get("imagination") or {}).get("selection") or {}).get("real_frames", 0))
+               for k, r in results.items() if k.split("@")[0] == "agent")
 
 
 def check_warm_start_seeds(cfg: DictConfig) -> None:
@@ -463,9 +492,10 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
     quality = stages.result("quality") if stages.done("quality") else None
     agent = stages.result("agent" + suffix) if stages.done("agent" + suffix) else {}
     evaluation = stages.result("evaluate") if stages.done("evaluate") else None
-    history = []
+    history, spent = [], 0
     for it in range(iterations):
         res = (stages.result("agent" + ("" if it == 0 else f"@{it}")) or {}).get("imagination", {})
+        spent += int((res.get("selection") or {}).get("real_frames", 0))
         frames = (stages.result("collect" + ("" if it == 0 else f"@{it}")) or {}).get("transitions")
         history.append({"iteration": it, "real_frames": frames, "dream_steps": res.get("dream_steps"),
                         "real_return_mean": res.get("real_return_mean")})
@@ -487,7 +517,9 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         "last_policy_real_return_mean": ((evaluation or {}).get("imagination_last_policy") or {}).get("return_mean"),
         "model_free_real_return_mean": ((evaluation or {}).get("model_free") or {}).get("return_mean"),
         "random_real_return_mean": ((evaluation or {}).get("random") or {}).get("return_mean"),
-        "real_frames_used": collect.get("transitions"),
+        "real_frames_used": None if collect.get("transitions") is None else collect["transitions"] + spent,
+        "selection_real_frames": spent,
+        "selected": ((agent.get("imagination") or {}).get("selection") or {}).get("selected"),
         "dream_steps": (agent.get("imagination") or {}).get("dream_steps"),
         "target_real_return_mean": 200.0,
         "meets_target": None if im.get("return_mean") is None else bool(im["return_mean"] >= 200.0),
@@ -496,8 +528,7 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         "iterations": history,
     }
     (report / "agent.json").write_text(json.dumps(agent_json, indent=1, default=_json_default))
-    record = OmegaConf.select(cfg, "pipeline.record_benchmark", default=None)
-    if str(cfg.preset_name) == "cpu-demo" if record is None else bool(record):
+    if records_benchmark(cfg):
         bench = REPO / "benchmarks" / "results" / "agent.json"
         bench.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(report / "agent.json", bench)
@@ -545,6 +576,11 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
     seeds = agent_json.get("ensemble_kind") == "seeds"
     kind = "independently seeded agents" if seeds else "snapshots"
     agent_name = f"imagination (dream only; ensemble of {len(members)} {kind})" if members else "imagination (dream only)"
+    selection = (agent.get("imagination") or {}).get("selection")
+    if selection:
+        agent_name = (f"imagination (dream only; {selection['selected']} chosen from "
+                      f"{len(selection['scores'])} candidates by {selection['episodes']} real episodes each, "
+                      f"{fmt(selection['real_frames'])} real frames)")
     alone = "imagination, first seed's agent alone" if seeds else "imagination, last policy alone"
     for name, key in ((agent_name, "imagination"), (alone, "imagination_last_policy"),
                       ("model-free (real steps)", "model_free"), ("random", "random")):
@@ -596,17 +632,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "collect": stages.run("collect", lambda: stage_collect(cfg)),
         "train": stages.run("train", lambda: stage_train(cfg)),
-        "agent": stages.run("agent", lambda: stage_agent(iteration_cfg(cfg, 0))),
+        "agent": stages.run("agent", lambda: stage_agent(iteration_cfg(cfg, 0), max_real_frames=max_frames)),
     }
     final = cfg
     for it in range(1, iterations):
         prev, cur = iteration_cfg(cfg, it - 1), iteration_cfg(cfg, it)
         from sfv_world.apps.agent import agent_dirs
 
-        results[f"collect@{it}"] = stages.run(f"collect@{it}", partial(stage_collect_with_agent, prev, cur, it, max_frames))
+        results[f"collect@{it}"] = stages.run(f"collect@{it}", partial(stage_collect_with_agent, prev, cur, it,
+                                                                        max_frames - selection_frames(results)))
         results[f"train@{it}"] = stages.run(f"train@{it}", partial(stage_train, cur))
         warm = agent_dirs(prev)["imagination"] / "checkpoint.zip" if agent_warm_start(cfg) else None
-        results[f"agent@{it}"] = stages.run(f"agent@{it}", partial(stage_agent, cur, warm_start=warm))
+        results[f"agent@{it}"] = stages.run(f"agent@{it}", partial(stage_agent, cur, warm_start=warm,
+                                                                    max_real_frames=max_frames,
+                                                                    spent=selection_frames(results)))
         final = cur
     results["quality"] = stages.run("quality", lambda: stage_quality(final))
     results["baseline"] = stages.run("baseline", lambda: stage_baseline(final))
