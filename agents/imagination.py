@@ -442,8 +442,8 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
         if done.exists():
             member_results.append(json.loads(done.read_text()))
         else:
-            member_results.append(train_in_imagination(checkpoint, env_cfg, sub, replace(settings, seed=seed, seeds=1),
-                                                       progress))
+            member = replace(settings, seed=seed, seeds=1, select="ensemble", select_max_frames=None)  # one agent
+            member_results.append(train_in_imagination(checkpoint, env_cfg, sub, member, progress))
         members.append(sub / "policy.zip")
     ensemble = load_ensemble(members, algo_class(settings.algo))
     runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=1, device=settings.device,

@@ -375,6 +375,11 @@ def test_seed_ensemble_trains_independent_agents_and_acts_as_one(cartpole, tmp_p
         small(seeds=0).validate()
     with pytest.raises(ValueError, match="choose one kind of ensemble"):
         small(seeds=2, snapshot_every=64, ensemble_snapshots=2).validate()
+    # agent.select=best from scratch: the members train as single agents, then compete
+    fresh = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path / "fresh", small(seeds=2, seed=5, select="best",
+                                                                                total_timesteps=64, eval_every=64))
+    assert fresh["selection"]["selected"] in {"seed5", "seed6", "ensemble"} and len(fresh["members"]) == 2
+    assert [m["settings"]["select"] for m in fresh["members"]] == ["ensemble", "ensemble"]
     # agent.select=best: the same members (reused, not retrained) and their ensemble compete on real episodes
     best = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(seeds=2, seed=3, select="best"))
     sel = best["selection"]
