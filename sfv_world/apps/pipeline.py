@@ -492,10 +492,12 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
     quality = stages.result("quality") if stages.done("quality") else None
     agent = stages.result("agent" + suffix) if stages.done("agent" + suffix) else {}
     evaluation = stages.result("evaluate") if stages.done("evaluate") else None
-    history, spent = [], 0
-    for it in range(iterations):
-        res = (stages.result("agent" + ("" if it == 0 else f"@{it}")) or {}).get("imagination", {})
-        spent += int((res.get("selection") or {}).get("real_frames", 0))
+    keys = ["agent" + ("" if it == 0 else f"@{it}") for it in range(iterations)]
+    agents = {k: stages.result(k) for k in keys}
+    spent = selection_frames(agents)  # the same count the run's budget used
+    history = []
+    for it, key in enumerate(keys):
+        res = (agents[key] or {}).get("imagination", {})
         frames = (stages.result("collect" + ("" if it == 0 else f"@{it}")) or {}).get("transitions")
         history.append({"iteration": it, "real_frames": frames, "dream_steps": res.get("dream_steps"),
                         "real_return_mean": res.get("real_return_mean")})
