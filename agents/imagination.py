@@ -54,6 +54,7 @@ class AgentSettings:
 
     algo: str = "ppo"
     obs_mode: str = "pixels"
+    latent_features: str = "mean"  # obs_mode=latent: "mean" [D] | "slots" [F * D] (WorldRuntime features)
     policy: str | None = None
     n_envs: int = 64
     total_timesteps: int = 500_000
@@ -109,6 +110,10 @@ class AgentSettings:
         if self.ensemble_snapshots is not None and (int(self.ensemble_snapshots) < 1 or not self.snapshot_every):
             raise ValueError(f"agent.ensemble_snapshots={self.ensemble_snapshots} needs a count >= 1 and "
                              f"agent.snapshot_every set (got {self.snapshot_every})")
+        from sfv_world.world import FEATURES
+
+        if self.latent_features not in FEATURES:
+            raise ValueError(f"agent.latent_features must be one of {FEATURES}, got {self.latent_features!r}")
         policy_for(self.obs_mode, _dummy_space(self.obs_mode), self.policy)
         algo_class(self.algo)
 
@@ -271,18 +276,12 @@ def real_evaluator(runtime, env_cfg: Any, settings: AgentSettings, max_steps: in
     """``evaluate(model)``: ``settings.eval_episodes`` real episodes (seeds ``10_000 + settings.seed`` on, each
     cut after ``max_steps`` steps) with the observations of ``runtime``'s world model; raises now if
     ``env_cfg`` crops unlike its dataset."""
-    from sfv_world.world import WorldRuntime
-
     spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
     spec.check_env(env_cfg)
 
-    def runtime_factory(batch: int) -> WorldRuntime:
-        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler,
-                            context_window=runtime.context_window, reencode_keep=runtime.reencode_keep)
-
     def evaluate(model):
         return evaluate_real(model, env_cfg, spec, episodes=settings.eval_episodes, seed=10_000 + settings.seed,
-                             runtime_factory=runtime_factory, max_steps=max_steps)
+                             runtime_factory=runtime.sibling, max_steps=max_steps)
 
     return evaluate
 
@@ -302,7 +301,8 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     venv = DreamSB3VecEnv(
-        checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, frame_stack=settings.frame_stack,
+        checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, latent_features=settings.latent_features,
+        frame_stack=settings.frame_stack,
         horizon=settings.horizon, context_frames=settings.context_frames, context_start=settings.context_start,
         context_window=settings.context_window, dataset=settings.dataset,
         termination=settings.termination, termination_threshold=settings.termination_threshold,
@@ -448,7 +448,7 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
     ensemble = load_ensemble(members, algo_class(settings.algo))
     runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=1, device=settings.device,
                                            sampler=settings.sampler or None, context_window=settings.context_window,
-                                           seed=settings.seed)
+                                           seed=settings.seed, features=settings.latent_features)
     alone = [r["real_return_mean"] for r in member_results]
     selection = None
     if settings.select == "best":

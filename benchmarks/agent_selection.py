@@ -30,6 +30,7 @@ def run_spec(label: str, checkpoint: str, policies: list[str], seed: int, episod
     from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
     from sfv_world.agents.imagination import AgentSettings, select_agent
     from sfv_world.agents.policies import algo_class
+    from sfv_world.apps.policy_io import policy_input
     from sfv_world.world import WorldRuntime
 
     start = time.perf_counter()
@@ -41,13 +42,11 @@ def run_spec(label: str, checkpoint: str, policies: list[str], seed: int, episod
     ensemble = load_ensemble(policies, algo_class("ppo"))
     candidates = {f"seed{seed + k}": m for k, m in enumerate(ensemble.models)}
     candidates["ensemble"] = ensemble
-    settings = AgentSettings(obs_mode="latent", eval_episodes=episodes, seed=seed, seeds=len(policies), select="best")
+    _, _, runtime.features = policy_input(ensemble.models[0], runtime.frame_shape, runtime.feature_dims)
+    settings = AgentSettings(obs_mode="latent", latent_features=runtime.features, eval_episodes=episodes, seed=seed,
+                             seeds=len(policies), select="best")
     selection, _ = select_agent(candidates, runtime, env_cfg, settings)
-
-    def factory(batch: int) -> WorldRuntime:
-        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler)
-
-    held_out = {name: evaluate_real(policy, env_cfg, spec, episodes, 20_000 + seed, runtime_factory=factory).mean
+    held_out = {name: evaluate_real(policy, env_cfg, spec, episodes, 20_000 + seed, runtime_factory=runtime.sibling).mean
                 for name, policy in candidates.items()}
     chosen = selection["selected"]
     print(f"{label}: selection {selection['scores']} -> {chosen}; held-out {held_out}", flush=True)

@@ -122,16 +122,14 @@ def probe_checkpoint(path: str, args) -> dict:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    base = WorldRuntime.from_checkpoint(path, batch_size=1, seed=args.seed)
+    base = WorldRuntime.from_checkpoint(path, batch_size=1, seed=args.seed, features=args.features)
     spec = ObservationSpec.from_runtime(base, "latent", 1)
     env_id = base.dataset_meta.get("env_id")
     if env_id not in (None, "CartPole-v1"):
         raise SystemExit(f"--checkpoint {path}: its dataset's env is {env_id!r}; the controller needs CartPole-v1")
     env_cfg = OmegaConf.create({"name": "cartpole", "id": "CartPole-v1", "frame_source": "render", "kwargs": {},
                                 "crop": None if spec.crop is None else list(spec.crop)})
-
-    def factory(batch: int) -> WorldRuntime:
-        return WorldRuntime(base.model, base.dataset_meta, batch_size=batch, sampler=base.sampler)
+    factory = base.sibling
 
     rng = np.random.default_rng(args.seed)
     bar = tqdm(total=args.rounds + 2, desc=Path(path).parent.parent.name or path, unit="round")
@@ -150,7 +148,7 @@ def probe_checkpoint(path: str, args) -> dict:
     bar.update()
     bar.close()
     rmse = linear_probe_rmse(feats, states)
-    return {"checkpoint": path, "crop": None if spec.crop is None else list(spec.crop),
+    return {"checkpoint": path, "features": args.features, "crop": None if spec.crop is None else list(spec.crop),
             "frames_seen": len(feats), "clone_real_return_mean": float(lengths.mean()),
             "clone_real_return_std": float(lengths.std()), "probe_rmse_theta_deg": float(np.degrees(rmse[2])),
             "probe_rmse_theta_dot": float(rmse[3]), "state_std_theta_deg": float(np.degrees(states[:, 2].std())),
@@ -167,6 +165,8 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.25, help="random-action probability in round 0")
     p.add_argument("--epochs", type=int, default=300, help="passes over the data per fit")
     p.add_argument("--episodes", type=int, default=20, help="real episodes that score the clone (seeds 20000+)")
+    p.add_argument("--features", choices=["mean", "slots"], default="mean",
+                   help="the latent observation: slot-mean [D] or every token slot [F * D] (agent.latent_features)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="perception_probe")
     args = p.parse_args()
@@ -184,7 +184,7 @@ def main() -> None:
     write_results(
         args.name, rows, title="Perception cap: a true-state controller cloned onto the world model's latent features",
         config=vars(args),
-        columns=["model", "crop", "clone_real_return_mean", "clone_real_return_std", "probe_rmse_theta_deg",
+        columns=["model", "features", "crop", "clone_real_return_mean", "clone_real_return_std", "probe_rmse_theta_deg",
                  "probe_rmse_theta_dot", "state_std_theta_deg", "frames_seen", "wall_s"],
         compares=(f"DAgger ({args.rounds} rounds of {args.train_episodes} real episodes) clones the controller "
                   "theta + 0.5 theta_dot + 0.02 x + 0.1 x_dot > 0 onto the features of real frames; the clone "

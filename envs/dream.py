@@ -157,6 +157,9 @@ class DreamCore:
         num_envs: number of parallel worlds N.
         dataset: dataset folder for default reset context; default: the checkpoint's dataset path.
         obs_mode: ``"pixels"`` (uint8 HWC frames) or ``"latent"`` (float32 feature vectors).
+        latent_features: ``"mean"`` (the slot-mean, [D]) or ``"slots"`` (every token slot, [F * D]): the
+            feature vector of ``obs_mode="latent"`` (:class:`~sfv_world.world.WorldRuntime` ``features``);
+            None: the runtime's (``"mean"`` for one built here).
         frame_stack: frames per pixel observation (channel-stacked, oldest first).
         horizon: imagined-episode truncation, in steps.
         context_frames: real frames given to the model at reset (from the dataset).
@@ -181,6 +184,7 @@ class DreamCore:
         *,
         dataset: str | Path | None = None,
         obs_mode: str = "pixels",
+        latent_features: str | None = None,
         frame_stack: int = 1,
         horizon: int = 200,
         context_frames: int = 4,
@@ -215,10 +219,14 @@ class DreamCore:
             if checkpoint is None:
                 raise ValueError("DreamEnv needs checkpoint=<path to a .pt file> (or runtime=...)")
             runtime = WorldRuntime.from_checkpoint(
-                checkpoint, batch_size=int(num_envs), device=device, sampler=sampler, context_window=context_window
+                checkpoint, batch_size=int(num_envs), device=device, sampler=sampler, context_window=context_window,
+                features=latent_features or "mean",
             )
         elif runtime.batch_size != int(num_envs):
             raise ValueError(f"runtime.batch_size={runtime.batch_size} differs from num_envs={num_envs}")
+        elif latent_features is not None and latent_features != runtime.features:
+            raise ValueError(f"latent_features={latent_features!r} differs from the runtime's features="
+                             f"{runtime.features!r}")
         self.runtime = runtime
         self.num_envs = int(num_envs)
         self.obs_mode = obs_mode

@@ -135,6 +135,7 @@ class FlowOutput:
     logdet [B, T]             sum of log|det| of all blocks, per frame (nats)
     nll [B, T]                -log p(x_tilde_t | x_tilde_<t, a_<t) (nats; 0 on padding frames)
     features [B, T, D]        per-frame causal deep features (see StarFlowV.forward)
+    slot_features [B, T, F, D]  the same before the mean over frame t's F slots
     reward [B, T-1]           transition t: regression value, or sign logits [B, T-1, 3] (None: heads=False)
     termination_logit [B, T-1]  calibrated: > 0 means terminated (None: heads=False)
     """
@@ -145,6 +146,7 @@ class FlowOutput:
     features: torch.Tensor
     reward: torch.Tensor
     termination_logit: torch.Tensor
+    slot_features: torch.Tensor
 
 
 @dataclass
@@ -154,7 +156,8 @@ class FrameSample:
     x_tilde [B, C, H, W] (pre-denoise); nll [B] nats of the frame under the (conditional) model;
     features [B, D]; reward [B] (or sign logits [B, 3]) and termination_logit [B] for the transition
     (previous frame, action) -> this frame; iterations [B] int64 deep-block Jacobi iterations per
-    sample; passes: deep-block forward calls; shallow_passes: shallow-block forward calls.
+    sample; passes: deep-block forward calls; shallow_passes: shallow-block forward calls;
+    slot_features [B, F, D]: the features before the mean over the frame's F slots.
     """
 
     x_tilde: torch.Tensor
@@ -165,6 +168,7 @@ class FrameSample:
     iterations: torch.Tensor
     passes: int
     shallow_passes: int
+    slot_features: torch.Tensor
 
 
 class GenerationState:
@@ -330,9 +334,9 @@ class StarFlowV(nn.Module):
         nll = 0.5 * z.to(logdet.dtype).square().sum((2, 3)) + HALF_LOG_2PI * F * d - logdet
         if frame_mask is not None:
             nll = torch.where(frame_mask, nll, torch.zeros_like(nll))  # padding: exactly 0 (even if not finite)
-        features = h.reshape(B, T, F, -1).mean(2)  # [B, T, D]
+        slot_features = h.reshape(B, T, F, -1)  # [B, T, F, D]
         reward, term = self.heads.transitions(x_tilde.detach(), actions, frame_mask) if heads else (None, None)
-        return FlowOutput(z, logdet, nll, features, reward, term), u
+        return FlowOutput(z, logdet, nll, slot_features.mean(2), reward, term, slot_features), u
 
     def forward(self, x_tilde: torch.Tensor, actions: torch.Tensor, drop_actions: torch.Tensor | None = None,
                 frame_mask: torch.Tensor | None = None, heads: bool = True) -> FlowOutput:
@@ -343,7 +347,8 @@ class StarFlowV(nn.Module):
         are replaced by NULL (CFG dropout); frame_mask bool [B, T] | None: False = start padding
         (masked keys in D, zero nll; the first real frame is treated as a sequence start).
 
-        features[:, t] = mean over frame t's F slots of D's final hidden states. Slot j's input is
+        features[:, t] = mean over frame t's F slots of D's final hidden states (slot_features[:, t]
+        keeps them apart: [F, D], the finer latent observation). Slot j's input is
         token j-1, so features_t depends on frames < t, on frame t except its last token in raster
         order, and on actions a_<t (via c_t) -- nothing later (the latent observation of the dream).
         reward/termination_logit[:, t] (the transition frame t --a_t--> frame t+1) come from the
@@ -520,11 +525,10 @@ class StarFlowV(nn.Module):
         z = (u.to(inv.a.dtype) - inv.b) / inv.a
         x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi)
         nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * d + torch.log(inv.a).sum((1, 2)) - logdet_s
-        features = inv.h.mean(1)  # [B, D]
         x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
 
         reward, term = self._commit_frame(state, x_tilde, u, action)
-        return FrameSample(x_tilde, nll, features, reward, term, inv.iterations, inv.passes, shallow_passes)
+        return FrameSample(x_tilde, nll, inv.h.mean(1), reward, term, inv.iterations, inv.passes, shallow_passes, inv.h)
 
     def _commit_frame(self, state: GenerationState, x_tilde: torch.Tensor, u: torch.Tensor,
                       action: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -578,7 +582,7 @@ class StarFlowV(nn.Module):
         nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * c.token_dim + torch.log(a).sum((1, 2)) - logdet_s
         reward, term = self._commit_frame(state, x_tilde, u, action)
         iters = torch.zeros(B, dtype=torch.long, device=self.device)
-        return FrameSample(x_tilde, nll, h.mean(1), reward, term, iters, 1, 0)
+        return FrameSample(x_tilde, nll, h.mean(1), reward, term, iters, 1, 0, h)
 
     def transition_heads(self, state: GenerationState, x_new: torch.Tensor,
                          action: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

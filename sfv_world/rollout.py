@@ -214,10 +214,7 @@ class ReplayResult:
 
 def teacher_runtime(runtime, batch_size: int, seed: int | None = None):
     """A second :class:`~sfv_world.world.WorldRuntime` over the same model with another batch size."""
-    from sfv_world.world import WorldRuntime
-
-    return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch_size, sampler=runtime.sampler,
-                        context_window=runtime.context_window, reencode_keep=runtime.reencode_keep, seed=seed)
+    return runtime.sibling(batch_size, seed)
 
 
 @torch.no_grad()

@@ -44,6 +44,8 @@ from sfv_world.checkpoint import CheckpointError, build_world_model, load_checkp
 from sfv_world.model import nll_to_bits_per_dim
 from sfv_world.sampling import JacobiConfig
 
+FEATURES = ("mean", "slots")  # the latent observation of a frame: slot-mean [D] | slots side by side [F * D]
+
 SAMPLER_DEFAULTS: dict[str, Any] = {
     "method": "jacobi",
     "block_size_first": 16,
@@ -110,7 +112,7 @@ class WorldReset:
 
     frames          uint8 [R, k, h, w, C]  the context at the model's frame size
     log_likelihood  float32 [R, k]         log2 p(x_tilde_t | x_tilde_<t, a_<t) / (C*h*w), bits/dim
-    features        float32 [R, D]         causal features of the newest context frame
+    features        float32 [R, D]         causal features of the newest context frame ([R, F * D]: slots)
     """
 
     frames: np.ndarray
@@ -128,7 +130,7 @@ class WorldStep:
     terminations      bool [B]            termination_prob > 0.5
     log_likelihood    float32 [B]         log-likelihood of the new frame, bits/dim (see WorldReset)
     jacobi_iterations int64 [B]           deep-block Jacobi iterations (0 for observe)
-    features          float32 [B, D]      causal features of the new frame
+    features          float32 [B, D]      causal features of the new frame ([B, F * D]: slots)
     """
 
     frames: np.ndarray
@@ -175,6 +177,9 @@ class WorldRuntime:
             min(window-1, max(4, window//4)): re-encoding costs ~keep frames every window-keep steps,
             and 4 frames still carry velocities and a dream context clip).
         seed: seed of the sampling ``torch.Generator`` (None: nondeterministic).
+        features: the latent observation of a frame (``FEATURES``): ``"mean"``, the deep block's final
+            hidden states averaged over the frame's F token slots (float32 [D]); ``"slots"``, the F slots
+            side by side (float32 [F * D]), which keep where in the frame a detail is.
     """
 
     def __init__(
@@ -186,6 +191,7 @@ class WorldRuntime:
         context_window: int | None = None,
         reencode_keep: int | None = None,
         seed: int | None = None,
+        features: str = "mean",
     ):
         self.model = model.eval()
         self.flow, self.denoiser = model.flow, model.denoiser
@@ -203,6 +209,9 @@ class WorldRuntime:
                               else int(reencode_keep))
         if not 1 <= self.reencode_keep < self.context_window:
             raise ValueError(f"reencode_keep must be in [1, {self.context_window - 1}], got {reencode_keep}")
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        self.features = features
         p = next(self.flow.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.codec = IdentityCodec(self.dtype)
@@ -223,6 +232,7 @@ class WorldRuntime:
         context_window: int | None = None,
         reencode_keep: int | None = None,
         seed: int | None = None,
+        features: str = "mean",
     ) -> WorldRuntime:
         """Load a checkpoint (``sfv_world.checkpoint``) and build B worlds on ``device``.
 
@@ -248,11 +258,22 @@ class WorldRuntime:
         run_sampler = {k: v for k, v in run_sampler.items() if k in SAMPLER_DEFAULTS}
         runtime = cls(
             model, meta, batch_size=batch_size, sampler={**run_sampler, **dict(sampler or {})},
-            context_window=context_window, reencode_keep=reencode_keep, seed=seed,
+            context_window=context_window, reencode_keep=reencode_keep, seed=seed, features=features,
         )
         runtime.checkpoint_path = path
         runtime.calibration = payload.get("calibration")
         return runtime
+
+    def sibling(self, batch_size: int, seed: int | None = None) -> WorldRuntime:
+        """Another runtime over the same model (shared weights, no copy) with ``batch_size`` worlds and
+        this one's sampler, window and features; its own state, seeded with ``seed``."""
+        rt = WorldRuntime(self.model, self.dataset_meta, batch_size=batch_size, sampler=self.sampler,
+                          context_window=self.context_window, reencode_keep=self.reencode_keep, seed=seed,
+                          features=self.features)
+        for name in ("checkpoint_path", "calibration"):
+            if hasattr(self, name):
+                setattr(rt, name, getattr(self, name))
+        return rt
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -264,8 +285,18 @@ class WorldRuntime:
 
     @property
     def feature_dim(self) -> int:
-        """D, the width of the causal feature vectors."""
-        return int(self.config.deep_width)
+        """Width of the causal feature vectors: D (``features="mean"``) or F * D (``"slots"``)."""
+        return self.feature_dims[self.features]
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        """Width of the feature vector per ``features`` kind: {"mean": D, "slots": F * D}."""
+        c = self.config
+        return {"mean": int(c.deep_width), "slots": int(c.deep_width) * int(c.tokens_per_frame)}
+
+    def _pool(self, features: torch.Tensor, slot_features: torch.Tensor) -> torch.Tensor:
+        """The observation of each frame: features [..., D] or slot_features [..., F, D] flattened to [..., F * D]."""
+        return slot_features.flatten(-2) if self.features == "slots" else features
 
     @property
     def num_frames(self) -> int:
@@ -379,7 +410,7 @@ class WorldRuntime:
                 x_tilde = torch.empty_like(x_tilde).index_copy_(0, order, x_tilde)
                 a = torch.empty_like(a).index_copy_(0, order, a)
             self.state, out = self.flow.encode_context(x_tilde, a, cfg=cfg, capacity=self.context_window)
-            nll, feats = out.nll, out.features[:, -1]
+            nll, feats = out.nll, self._pool(out.features[:, -1], out.slot_features[:, -1])
             if row_idx is not None:
                 nll, feats = nll[order], feats[order]
         else:
@@ -405,13 +436,13 @@ class WorldRuntime:
             m_all = torch.cat([torch.zeros(B, k - L, dtype=torch.bool, device=self.device), hm], 1)
             x_all[rows], a_all[rows], m_all[rows] = x_tilde, a.to(a_all.dtype), True
             self.state, out = self.flow.encode_context(x_all, a_all, m_all, cfg=cfg, capacity=self.context_window)
-            return out.nll[rows], out.features[rows, -1]
+            return out.nll[rows], self._pool(out.features[rows, -1], out.slot_features[rows, -1])
         # left-pad the new context to the others' length L with masked frames that are never computed
         # (their history repeats the first real frame, so the denoiser's window never sees an empty
         # frame) and splice the rows in
         new, out = self.flow.encode_context(x_tilde, a, cfg=cfg, capacity=self.context_window, pad_frames=L - k)
         state.replace_rows(rows, new)
-        return out.nll, out.features[:, -1]
+        return out.nll, self._pool(out.features[:, -1], out.slot_features[:, -1])
 
     # -- step -----------------------------------------------------------------------------------------
 
@@ -457,7 +488,7 @@ class WorldRuntime:
             terminations=(term > 0.5).cpu().numpy(),
             log_likelihood=self._bits(sample.nll),
             jacobi_iterations=sample.iterations.to(torch.int64).cpu().numpy(),
-            features=sample.features.float().cpu().numpy(),
+            features=self._pool(sample.features, sample.slot_features).float().cpu().numpy(),
         )
 
     @torch.no_grad()
@@ -484,7 +515,7 @@ class WorldRuntime:
             terminations=(term > 0.5).cpu().numpy(),
             log_likelihood=self._bits(out.nll),
             jacobi_iterations=np.zeros(B, dtype=np.int64),
-            features=out.features.float().cpu().numpy(),
+            features=self._pool(out.features, out.slot_features).float().cpu().numpy(),
         )
 
     def memory_bytes(self) -> int:

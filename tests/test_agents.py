@@ -436,6 +436,8 @@ def test_bad_agent_settings():
         small(select="best").validate()
     with pytest.raises(ValueError, match="agent.select_max_frames must be a positive integer or null, got 0"):
         small(seeds=2, select="best", select_max_frames=0).validate()
+    with pytest.raises(ValueError, match=r"agent.latent_features must be one of \('mean', 'slots'\), got 'all'"):
+        small(obs_mode="latent", latent_features="all").validate()
     with pytest.raises(ValueError, match="does not fit obs_mode='latent'"):
         small(obs_mode="latent", policy="CnnPolicy").validate()
     name, kwargs = policy_for("pixels", __import__("gymnasium").spaces.Box(0, 255, (64, 64, 12), np.uint8))

@@ -47,6 +47,22 @@ def test_sb3_check_env_pixels_and_latent(ckpts):
     with pytest.warns(UserWarning, match="minimal resolution"):  # 16x16 < NatureCNN's 36x36
         sb3_check_env(DreamEnv(checkpoint=ckpts["plain"], frame_stack=2), warn=True)
     sb3_check_env(DreamEnv(checkpoint=ckpts["plain"], obs_mode="latent"), warn=True)
+    slots = DreamEnv(checkpoint=ckpts["plain"], obs_mode="latent", latent_features="slots")
+    assert slots.observation_space.shape == (16 * 64,)  # 16 token slots of 64 channels
+    sb3_check_env(slots, warn=True)
+
+
+def test_latent_features_must_agree_with_a_given_runtime(ckpts):
+    from sfv_world.world import WorldRuntime
+
+    rt = WorldRuntime.from_checkpoint(ckpts["plain"], batch_size=2, features="slots")
+    venv = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", runtime=rt, obs_mode="latent")
+    obs, _ = venv.reset(seed=0)
+    assert obs.shape == (2, 16 * 64) and obs.dtype == np.float32
+    venv.close()
+    with pytest.raises(ValueError, match="latent_features='mean' differs from the runtime's features='slots'"):
+        DreamEnv(runtime=WorldRuntime.from_checkpoint(ckpts["plain"], features="slots"), obs_mode="latent",
+                 latent_features="mean")
 
 
 def test_observations_are_at_the_model_frame_size(ckpts):

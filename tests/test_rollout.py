@@ -251,7 +251,7 @@ def test_free_mode_with_saved_policy(tiny, tmp_path):
     from sfv_world.apps.policy_io import WorldPolicy
 
     zip_path = save_tiny_policy(tiny["ckpt"], tmp_path / "pi.zip", frame_stack=2)
-    pol = WorldPolicy(zip_path, (16, 16, 3), 64)
+    pol = WorldPolicy(zip_path, (16, 16, 3), {"mean": 64})
     assert (pol.obs_mode, pol.frame_stack) == ("pixels", 2)
     ctx = np.random.default_rng(0).integers(0, 255, (2, 3, 16, 16, 3), dtype=np.uint8)
     pol.reset(ctx)
@@ -321,3 +321,25 @@ def test_write_video_mp4_when_encoder_installed(tmp_path):
     path = video.write_video(frames, tmp_path / "v.mp4", fps=8, scale=3)
     assert path.suffix == ".mp4"
     assert iio.imread(path, plugin="FFMPEG").shape == (9, 22, 16, 3)  # odd sizes padded to even for x264
+
+
+def test_policy_input_reads_obs_mode_stack_and_latent_features_off_the_saved_space():
+    """A saved policy's observation space says what it sees: stacked frames (HWC or CHW), the slot-mean
+    features [D] or every slot [F * D]; anything else is refused with both expectations named."""
+    from types import SimpleNamespace
+
+    import gymnasium as gym
+
+    from sfv_world.apps.policy_io import policy_input
+
+    dims = {"mean": 64, "slots": 16 * 64}
+
+    def saved(shape, dtype=np.float32):
+        return SimpleNamespace(observation_space=gym.spaces.Box(0, 1, shape, dtype))
+
+    assert policy_input(saved((64,)), (16, 16, 3), dims) == ("latent", 1, "mean")
+    assert policy_input(saved((1024,)), (16, 16, 3), dims) == ("latent", 1, "slots")
+    assert policy_input(saved((16, 16, 6), np.uint8), (16, 16, 3), dims) == ("pixels", 2, "mean")
+    assert policy_input(saved((9, 16, 16), np.uint8), (16, 16, 3), dims) == ("pixels", 3, "mean")
+    with pytest.raises(ValueError, match=r"nor its features \(64,\) \(mean\) or \(1024,\) \(slots\)"):
+        policy_input(saved((100,)), (16, 16, 3), dims)

@@ -51,6 +51,39 @@ def test_reset_and_step_shapes(tiny):
     assert rt.num_frames == 4
 
 
+def test_slot_features_are_the_mean_features_before_the_mean(tiny):
+    """features="slots" observes every token slot [F * D]; their mean over slots is the "mean" feature, on
+    reset (full and per-row), step and observe alike; sibling runtimes share model and features."""
+    F, D = 16, 64  # 16x16 frames, patch 4
+    mean = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2, seed=0)
+    slots = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2, seed=0, features="slots")
+    assert slots.feature_dim == F * D and slots.feature_dims == {"mean": D, "slots": F * D}
+    frames, actions = context(2, 3)
+
+    def as_mean(f: np.ndarray) -> np.ndarray:
+        return f.reshape(len(f), F, D).mean(1)
+
+    r_m, r_s = mean.reset(frames, actions), slots.reset(frames, actions)
+    assert r_s.features.shape == (2, F * D) and r_m.features.shape == (2, D)
+    np.testing.assert_allclose(as_mean(r_s.features), r_m.features, rtol=0, atol=1e-5)
+    assert not np.allclose(r_s.features[:, :D], r_s.features[:, D:2 * D])  # the slots differ
+    s_m, s_s = mean.step(np.array([0, 1])), slots.step(np.array([0, 1]))
+    np.testing.assert_array_equal(s_m.frames, s_s.frames)  # the observation does not change the dream
+    np.testing.assert_allclose(as_mean(s_s.features), s_m.features, rtol=0, atol=1e-5)
+    o_m, o_s = mean.observe(frames[:, 0], np.array([1, 0])), slots.observe(frames[:, 0], np.array([1, 0]))
+    np.testing.assert_allclose(as_mean(o_s.features), o_m.features, rtol=0, atol=1e-5)
+    new_frames, new_actions = context(1, 2, seed=3)
+    p_m = mean.reset(new_frames, new_actions, rows=[1])
+    p_s = slots.reset(new_frames, new_actions, rows=[1])
+    np.testing.assert_allclose(as_mean(p_s.features), p_m.features, rtol=0, atol=1e-5)
+
+    sib = slots.sibling(5, seed=1)
+    assert sib.model is slots.model and sib.batch_size == 5 and sib.features == "slots"
+    assert sib.context_window == slots.context_window and sib.sampler == slots.sampler
+    with pytest.raises(ValueError, match="features must be one of"):
+        WorldRuntime.from_checkpoint(tiny["ckpt"], features="tokens")
+
+
 def test_larger_frames_are_area_resized_to_the_model_size(tiny):
     from sfv_world.datasets import area_resize
 

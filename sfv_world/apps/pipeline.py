@@ -239,6 +239,11 @@ def agent_warm_start(cfg: DictConfig) -> bool:
     return value
 
 
+def latent_features(cfg: DictConfig) -> str:
+    """The latent observation the run's agents see (``agent.latent_features``; "mean" where unset)."""
+    return str(OmegaConf.select(cfg, "agent.latent_features", default="mean"))
+
+
 def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_real_frames: int) -> dict[str, Any]:
     """Iteration ``it``: collect episodes with ``prev``'s imagination agent, merge them with ``prev``'s dataset.
 
@@ -269,7 +274,8 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     n_envs = min(n_envs, episodes)
     new = Path(cur.run_dir) / "data" / "collected"
     overwrite = new.exists() or partial_path_for(new).exists()
-    runtime = WorldRuntime.from_checkpoint(prev.checkpoint, batch_size=n_envs, seed=int(cur.seed))
+    runtime = WorldRuntime.from_checkpoint(prev.checkpoint, batch_size=n_envs, seed=int(cur.seed),
+                                           features=latent_features(cur))
     spec = ObservationSpec.from_runtime(runtime, str(cur.agent.obs_mode), int(cur.agent.frame_stack))
     spec.check_env(cur.env)
     model = load_agent_policy(agent_dirs(prev)["imagination"], algo_class(cur.agent.algo))
@@ -308,20 +314,17 @@ def stage_evaluate(cfg: DictConfig) -> dict[str, Any]:
     dirs = agent_dirs(cfg)
     episodes = int(cfg.agent.eval_episodes)
     seed = 20_000 + int(cfg.seed)
-    runtime = WorldRuntime.from_checkpoint(cfg.checkpoint, batch_size=1)
+    runtime = WorldRuntime.from_checkpoint(cfg.checkpoint, batch_size=1, features=latent_features(cfg))
     cls = algo_class(cfg.agent.algo)
     out: dict[str, Any] = {"episodes": episodes, "seed": seed}
 
-    def factory(batch: int) -> WorldRuntime:
-        return WorldRuntime(runtime.model, runtime.dataset_meta, batch_size=batch, sampler=runtime.sampler)
-
     spec = ObservationSpec.from_runtime(runtime, str(cfg.agent.obs_mode), int(cfg.agent.frame_stack))
     model = load_agent_policy(dirs["imagination"], cls)  # the snapshot ensemble where the agent made one
-    out["imagination"] = evaluate_real(model, cfg.env, spec, episodes, seed, runtime_factory=factory).as_dict()
+    out["imagination"] = evaluate_real(model, cfg.env, spec, episodes, seed, runtime_factory=runtime.sibling).as_dict()
     if isinstance(model, PolicyEnsemble):  # policy.zip alone (the last snapshot, or the first seed), same episodes
         last = cls.load(dirs["imagination"] / "policy.zip", device="cpu")
         out["imagination_last_policy"] = evaluate_real(last, cfg.env, spec, episodes, seed,
-                                                       runtime_factory=factory).as_dict()
+                                                       runtime_factory=runtime.sibling).as_dict()
     pixel_spec = dataclasses.replace(spec, obs_mode="pixels")
     if (dirs["model_free"] / "policy.zip").exists():
         model = cls.load(dirs["model_free"] / "policy.zip", device="cpu")

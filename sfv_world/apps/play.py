@@ -81,7 +81,8 @@ class PlaySession:
             from sfv_world.datasets.policies import load_sb3_model
 
             self.policy = load_sb3_model(str(p.policy), "auto", "cpu")
-            obs_mode, frame_stack = policy_input(self.policy, runtime.frame_shape, runtime.feature_dim)
+            obs_mode, frame_stack, runtime.features = policy_input(self.policy, runtime.frame_shape,
+                                                                   runtime.feature_dims)
         self.env = DreamEnv(runtime=runtime, horizon=int(p.horizon), context_frames=int(p.context),
                             obs_mode=obs_mode, frame_stack=frame_stack, render_mode="rgb_array")
         self.action_space = self.env.action_space

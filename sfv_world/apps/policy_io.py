@@ -2,8 +2,9 @@
 
 A policy trained by ``sfv-world agent`` sees either channel-stacked uint8 frames at the model's frame
 size (``obs_mode=pixels``, ``[h, w, C*S]`` channels-last, or its CHW transpose after SB3's
-``VecTransposeImage``) or the world model's causal features (``obs_mode=latent``, ``[D]``). Which one,
-and the stack S, are read off the saved model's observation space.
+``VecTransposeImage``) or the world model's causal features (``obs_mode=latent``: ``[D]``, their mean
+over the frame's token slots, or ``[F * D]``, the slots side by side). Which one, and the stack S, are
+read off the saved model's observation space.
 """
 
 from __future__ import annotations
@@ -16,19 +17,27 @@ import numpy as np
 from sfv_world.datasets.policies import load_sb3_model
 
 
-def policy_input(model: Any, frame_shape: tuple[int, int, int], feature_dim: int) -> tuple[str, int]:
-    """(obs_mode, frame_stack) a saved SB3 model expects, given the world's (h, w, C) and feature size D."""
+def policy_input(model: Any, frame_shape: tuple[int, int, int], feature_dims: dict[str, int]
+                 ) -> tuple[str, int, str]:
+    """(obs_mode, frame_stack, latent_features) a saved SB3 model expects.
+
+    frame_shape: the world's (h, w, C); feature_dims: the feature sizes it offers per
+    ``latent_features`` kind (``WorldRuntime.feature_dims``, e.g. {"mean": D, "slots": F * D}).
+    latent_features is "mean" for a pixel policy (unused).
+    """
     shape = tuple(getattr(model.observation_space, "shape", ()) or ())
     h, w, c = frame_shape
-    if shape == (feature_dim,):
-        return "latent", 1
+    for kind, dim in feature_dims.items():
+        if shape == (int(dim),):
+            return "latent", 1, kind
     if len(shape) == 3 and shape[:2] == (h, w) and shape[2] % c == 0:
-        return "pixels", shape[2] // c
+        return "pixels", shape[2] // c, "mean"
     if len(shape) == 3 and shape[1:] == (h, w) and shape[0] % c == 0:
-        return "pixels", shape[0] // c
+        return "pixels", shape[0] // c, "mean"
+    dims = " or ".join(f"({d},) ({k})" for k, d in feature_dims.items())
     raise ValueError(
         f"the saved policy observes {model.observation_space}, which fits neither the world's frames "
-        f"({h}x{w}x{c}, stacked) nor its features ({feature_dim},): was it trained on this checkpoint?"
+        f"({h}x{w}x{c}, stacked) nor its features {dims}: was it trained on this checkpoint?"
     )
 
 
@@ -36,16 +45,17 @@ class WorldPolicy:
     """A saved SB3 policy acting in B worlds of a :class:`~sfv_world.world.WorldRuntime`.
 
     Call :meth:`reset` with the context frames uint8 [B, k, h, w, C]; then ``policy(frames, features)``
-    with the newest frame uint8 [B, h, w, C] and features float32 [B, D] returns actions [B] (or
+    with the newest frame uint8 [B, h, w, C] and features float32 [B, D] (the runtime's
+    ``latent_features`` kind, which the policy names in ``self.latent_features``) returns actions [B] (or
     [B, A]). The frame stack matches the dream env's: at reset it holds the last context frames, the
     oldest one repeated where the context is shorter than the stack.
     """
 
-    def __init__(self, path: str | os.PathLike, frame_shape: tuple[int, int, int], feature_dim: int,
+    def __init__(self, path: str | os.PathLike, frame_shape: tuple[int, int, int], feature_dims: dict[str, int],
                  algo: str = "auto", device: str = "cpu", deterministic: bool = True, model: Any = None):
         self.path = str(path)
         self.model = model if model is not None else load_sb3_model(path, algo, device)
-        self.obs_mode, self.frame_stack = policy_input(self.model, frame_shape, feature_dim)
+        self.obs_mode, self.frame_stack, self.latent_features = policy_input(self.model, frame_shape, feature_dims)
         self.deterministic = deterministic
         self.stack: np.ndarray | None = None
         self._fresh = False

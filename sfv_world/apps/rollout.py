@@ -184,7 +184,9 @@ def _policy(cfg: DictConfig, runtime, batch: int):
         return R.RandomActions(runtime.dataset_meta, batch, seed=int(r.seed)), "random"
     from sfv_world.apps.policy_io import WorldPolicy
 
-    return WorldPolicy(str(r.policy), runtime.frame_shape, runtime.feature_dim, device=str(runtime.device)), str(r.policy)
+    policy = WorldPolicy(str(r.policy), runtime.frame_shape, runtime.feature_dims, device=str(runtime.device))
+    runtime.features = policy.latent_features  # the runtime's feature vectors are what the policy was trained on
+    return policy, str(r.policy)
 
 
 def run_free(cfg: DictConfig, out: Path, from_image: bool) -> dict[str, Any]:
