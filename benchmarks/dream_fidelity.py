@@ -54,11 +54,12 @@ def real_lengths(env_id: str, policy: str, episodes: int, horizon: int, seed: in
 
 
 def dream_lengths(checkpoint: str, policy: str, episodes: int, horizon: int, seed: int, num_envs: int,
-                  termination: str, sampler: dict | None = None) -> tuple[np.ndarray, float]:
+                  termination: str, sampler: dict | None = None, threshold: float = 0.5) -> tuple[np.ndarray, float]:
     from sfv_world.envs.sb3 import DreamSB3VecEnv
 
     venv = DreamSB3VecEnv(checkpoint, num_envs=num_envs, obs_mode="latent", horizon=horizon, context_frames=4,
-                          context_start="episode_start", termination=termination, sampler=sampler)
+                          context_start="episode_start", termination=termination, sampler=sampler,
+                          termination_threshold=threshold)
     venv.seed(seed)
     venv.reset()
     rng = np.random.default_rng(seed)
@@ -84,6 +85,8 @@ def main() -> None:
     p.add_argument("--horizon", type=int, default=200)
     p.add_argument("--num-envs", type=int, default=64)
     p.add_argument("--termination", default="threshold", choices=("threshold", "sample"))
+    p.add_argument("--termination-threshold", type=float, action="append", default=None,
+                   help="terminate when sigmoid(logit) > this (repeatable: one row per value; default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="sampler temperature (default: the checkpoint's)")
@@ -94,20 +97,24 @@ def main() -> None:
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
+    thresholds = args.termination_threshold or [0.5]
     rows = []
     for policy in POLICIES:
         real = real_lengths(args.env_id, policy, args.episodes, args.horizon, args.seed)
-        dream, rate = dream_lengths(args.checkpoint, policy, args.episodes, args.horizon, args.seed,
-                                    args.num_envs, args.termination, sampler)
-        rows.append({"policy": policy, "real_mean_length": float(real.mean()), "real_median": float(np.median(real)),
-                     "dream_mean_length": float(dream.mean()), "dream_median": float(np.median(dream)),
-                     "dream_at_horizon": float((dream >= args.horizon).mean()),
-                     "dream_steps_per_s": round(rate, 1)})
+        for threshold in thresholds:
+            dream, rate = dream_lengths(args.checkpoint, policy, args.episodes, args.horizon, args.seed,
+                                        args.num_envs, args.termination, sampler, threshold)
+            rows.append({"policy": policy, "termination_threshold": threshold,
+                         "real_mean_length": float(real.mean()), "real_median": float(np.median(real)),
+                         "dream_mean_length": float(dream.mean()), "dream_median": float(np.median(dream)),
+                         "dream_at_horizon": float((dream >= args.horizon).mean()),
+                         "dream_steps_per_s": round(rate, 1)})
     write_results(
         args.name, rows, title="Dream episode lengths vs the real env under fixed policies",
         config=vars(args),
         compares=(f"{args.episodes} episodes per policy, truncated at {args.horizon} steps; dream: "
-                  f"{args.num_envs} worlds from episode-start contexts, termination `{args.termination}`. "
+                  f"{args.num_envs} worlds from episode-start contexts, termination `{args.termination}` "
+                  "(threshold: sigmoid(logit) > termination_threshold). "
                   "A dream fit for policy learning ends episodes about when the real env does."),
     )
 
