@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 from sfv_world.agents.ensemble import MANIFEST, load_ensemble
-from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
+from sfv_world.agents.evaluation import EvalResult, ObservationSpec, evaluate_real
 from sfv_world.agents.policies import StandardizedFeatures, algo_class, algo_kwargs, policy_for, resolve_schedules
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor
 
-SELECT_RULES = ("ensemble", "best")
+SELECT_RULES = ("ensemble", "best", "halving")
 EVAL_FIELDS = ["timesteps", "imagined_return_mean", "imagined_length_mean", "real_return_mean", "real_return_std",
                "real_length_mean", "wall_s"]
 
@@ -77,8 +77,12 @@ class AgentSettings:
     ensemble_snapshots: int | None = None  # the agent is the ensemble of its last K snapshots (None: the last policy)
     dataset: str | None = None  # dataset folder the dream draws reset context from (None: the checkpoint's)
     seeds: int = 1  # N > 1: N agents with seeds seed..seed+N-1, trained independently, act as one ensemble
-    select: str = "ensemble"  # seeds > 1: "ensemble" (all seeds together) | "best" (by real return, see select_agent)
-    select_max_frames: int | None = None  # select=best: real frames the selection episodes may use (None: no cap)
+    select: str = "ensemble"  # "ensemble" (all seeds together) | "best" (by real return, see select_agent) |
+    # "halving" (successive halving over every seed's snapshots, last policies and their ensemble, see select_halving)
+    select_max_frames: int | None = None  # best / halving: real frames the selection episodes may use (None: no cap)
+    select_snapshots_from: int | None = None  # halving: snapshots of at least this many steps are candidates (None: none)
+    select_first_episodes: int = 2  # halving: real episodes each candidate plays in the first round (doubling after)
+    select_keep: int = 3  # halving: the best 1 / keep of a round's candidates go on to the next
 
     @classmethod
     def from_config(cls, agent_cfg: Any, **extra: Any) -> AgentSettings:
@@ -102,6 +106,17 @@ class AgentSettings:
             raise ValueError(f"agent.select must be one of {SELECT_RULES}, got {self.select!r}")
         if self.select == "best" and self.seeds < 2:
             raise ValueError(f"agent.select=best picks among agent.seeds > 1 agents, got agent.seeds={self.seeds}")
+        if self.select == "halving":
+            if self.seeds < 2 and self.select_snapshots_from is None:
+                raise ValueError("agent.select=halving with agent.seeds=1 needs agent.select_snapshots_from: there is "
+                                 "nothing else to choose from")
+            if self.select_snapshots_from is not None and not self.snapshot_every:
+                raise ValueError(f"agent.select_snapshots_from={self.select_snapshots_from} needs agent.snapshot_every")
+            for key in ("select_first_episodes", "select_keep"):
+                v = getattr(self, key)
+                if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "select_first_episodes" else 2):
+                    raise ValueError(f"agent.{key} must be an integer >= {1 if key == 'select_first_episodes' else 2}, "
+                                     f"got {v!r}")
         if self.select_max_frames is not None and (isinstance(self.select_max_frames, bool)
                                                    or not isinstance(self.select_max_frames, int)
                                                    or self.select_max_frames < 1):
@@ -417,6 +432,61 @@ def select_agent(candidates: dict[str, Any], runtime, env_cfg: Any, settings: Ag
     return selection, results[best]
 
 
+def halving_candidates(out: Path, settings: AgentSettings, ensemble) -> dict[str, Any]:
+    """The pool of ``agent.select=halving``: each seed's last policy (``seed<s>``), its snapshots of at least
+    ``settings.select_snapshots_from`` steps (``seed<s>@<steps>``) and, with several seeds, their ensemble."""
+    candidates: dict[str, Any] = {}
+    for k, model in enumerate(ensemble.models):
+        name = f"seed{settings.seed + k}"
+        candidates[name] = model
+        if settings.select_snapshots_from is not None:
+            for path in list_snapshots(out / name):
+                if int(path.stem) >= int(settings.select_snapshots_from):
+                    candidates[f"{name}@{path.stem}"] = algo_class(settings.algo).load(path, device=settings.device)
+    if len(ensemble.models) > 1:
+        candidates["ensemble"] = ensemble
+    return candidates
+
+
+def select_halving(candidates: dict[str, Any], runtime, env_cfg: Any, settings: AgentSettings):
+    """Pick a candidate by :func:`~sfv_world.agents.selection.successive_halving` over real episodes (seeds
+    ``10_000 + settings.seed`` on), within ``settings.select_max_frames`` real frames (None: 100k). Returns
+    (selection dict, the winner's :class:`~sfv_world.agents.evaluation.EvalResult` over all its selection
+    episodes; biased upwards by the choice)."""
+    from sfv_world.agents.selection import successive_halving
+
+    spec = ObservationSpec.from_runtime(runtime, settings.obs_mode, settings.frame_stack)
+    spec.check_env(env_cfg)
+    played: dict[str, list[np.ndarray]] = {name: [] for name in candidates}
+
+    def evaluate(name: str, episodes: int, seed: int, max_steps: int):
+        r = evaluate_real(candidates[name], env_cfg, spec, episodes=episodes, seed=seed,
+                          runtime_factory=runtime.sibling, max_steps=max_steps)
+        played[name].append(r.lengths)
+        return r.returns, r.lengths
+
+    budget = 100_000 if settings.select_max_frames is None else int(settings.select_max_frames)
+    chosen, rounds, returns = successive_halving(
+        list(candidates), evaluate, budget, first_episodes=settings.select_first_episodes, keep=settings.select_keep,
+        seed=10_000 + settings.seed, log=lambda msg: print(f"[agent] {msg}", flush=True))
+    frames = int(sum(r.real_frames for r in rounds))
+    ev = EvalResult(np.asarray(returns[chosen], dtype=np.float64), np.concatenate(played[chosen]).astype(np.int64))
+    print(f"[agent] selected {chosen}: real return {ev.mean:.1f} over its {ev.returns.size} selection episodes "
+          f"({frames} real frames, {len(candidates)} candidates)", flush=True)
+    selection = {"rule": "successive halving", "selected": chosen, "candidates": len(candidates),
+                 "seed": 10_000 + settings.seed, "budget": budget, "real_frames": frames,
+                 "rounds": [asdict(r) for r in rounds],
+                 "scores": {k: float(np.mean(v)) for k, v in returns.items() if v},
+                 "episodes": {k: len(v) for k, v in returns.items() if v}}
+    return selection, ev
+
+
+def chosen_policy_file(out: Path, chosen: str) -> Path:
+    """The ``.zip`` of a selected candidate ``seed<s>`` or ``seed<s>@<steps>`` under ``out``."""
+    seed_dir, _, steps = chosen.partition("@")
+    return out / seed_dir / "snapshots" / f"{steps}.zip" if steps else out / seed_dir / "policy.zip"
+
+
 def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
                 progress: bool = False) -> dict[str, Any]:
     """``settings.seeds`` = 1: :func:`train_in_imagination`. N > 1: N independently seeded agents in ``seed<s>/``
@@ -425,7 +495,7 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
     the N agents and their ensemble scores best on those episodes (:func:`select_agent`). Returns the result
     dict (also ``out_dir/result.json``)."""
     settings.validate()
-    if settings.seeds == 1:
+    if settings.seeds == 1 and settings.select != "halving":
         return train_in_imagination(checkpoint, env_cfg, out_dir, settings, progress)
     from sfv_world.world import WorldRuntime
 
@@ -456,6 +526,9 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
         candidates["ensemble"] = ensemble
         selection, ev = select_agent(candidates, runtime, env_cfg, settings)
         chosen = selection["selected"]
+    elif settings.select == "halving":
+        selection, ev = select_halving(halving_candidates(out, settings, ensemble), runtime, env_cfg, settings)
+        chosen = selection["selected"]
     else:
         chosen, ev = "ensemble", real_evaluator(runtime, env_cfg, settings)(ensemble)
     if chosen == "ensemble":
@@ -464,7 +537,7 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
         print(f"[agent] ensemble of {len(members)} seeds: real return {ev.mean:.1f} +- {ev.std:.1f} (each alone: "
               f"{', '.join(f'{v:.1f}' for v in alone)})", flush=True)
     else:
-        shutil.copyfile(out / chosen / "policy.zip", out / "policy.zip")
+        shutil.copyfile(chosen_policy_file(out, chosen), out / "policy.zip")
     result = {
         "kind": "imagination",
         "checkpoint": str(checkpoint),

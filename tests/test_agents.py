@@ -395,6 +395,39 @@ def test_seed_ensemble_trains_independent_agents_and_acts_as_one(cartpole, tmp_p
         assert (tmp_path / "policy.zip").read_bytes() == (tmp_path / sel["selected"] / "policy.zip").read_bytes()
 
 
+def test_halving_chooses_among_seeds_snapshots_and_ensemble_within_the_budget(cartpole, tmp_path):
+    """agent.select=halving: each seed's last policy, its snapshots from select_snapshots_from on and the seeds'
+    ensemble compete on real episodes by successive halving; the winner's file becomes policy.zip and the real
+    frames spent stay within select_max_frames."""
+    from stable_baselines3 import PPO
+
+    from sfv_world.agents.ensemble import PolicyEnsemble, load_agent_policy
+    from sfv_world.agents.imagination import train_agent
+
+    kw = dict(seeds=2, seed=0, snapshot_every=64, total_timesteps=128, eval_every=128, select="halving",
+              select_snapshots_from=128, select_max_frames=400)
+    result = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(**kw))
+    sel = result["selection"]
+    assert sel["rule"] == "successive halving" and sel["candidates"] == 5
+    assert set(sel["scores"]) == {"seed0", "seed0@128", "seed1", "seed1@128", "ensemble"}
+    assert sel["rounds"][0]["episodes"] == 2 and len(sel["rounds"][0]["candidates"]) == 5
+    assert 0 < sel["real_frames"] <= 400 and sel["real_frames"] == sum(r["real_frames"] for r in sel["rounds"])
+    assert sel["selected"] in sel["rounds"][-1]["candidates"]
+    assert result["real_return_mean"] == sel["scores"][sel["selected"]]
+    chosen = load_agent_policy(tmp_path, PPO)
+    if sel["selected"] == "ensemble":
+        assert isinstance(chosen, PolicyEnsemble)
+    else:
+        seed_dir, _, steps = sel["selected"].partition("@")
+        source = tmp_path / seed_dir / ("snapshots/" + steps + ".zip" if steps else "policy.zip")
+        assert (tmp_path / "policy.zip").read_bytes() == source.read_bytes()
+    # one seed: its snapshots and last policy compete, no ensemble
+    single = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path / "one", small(**(kw | {"seeds": 1,
+                                                                                       "select_snapshots_from": 64})))
+    assert set(single["selection"]["scores"]) == {"seed0", "seed0@64", "seed0@128"}
+    assert single["ensemble_kind"] is None and (tmp_path / "one" / "policy.zip").is_file()
+
+
 def test_select_agent_plays_every_candidate_on_the_same_capped_episodes(cartpole):
     """agent.select=best: the candidate with the best mean real return wins on the same episodes; with
     select_max_frames every episode is cut so that all of them together stay within the budget."""
@@ -430,8 +463,16 @@ def test_select_agent_plays_every_candidate_on_the_same_capped_episodes(cartpole
 def test_bad_agent_settings():
     with pytest.raises(ValueError, match="agent.algo must be one of"):
         small(algo="sac").validate()
-    with pytest.raises(ValueError, match=r"agent.select must be one of \('ensemble', 'best'\), got 'top'"):
+    with pytest.raises(ValueError, match=r"agent.select must be one of \('ensemble', 'best', 'halving'\), got 'top'"):
         small(seeds=2, select="top").validate()
+    with pytest.raises(ValueError, match="select=halving with agent.seeds=1 needs agent.select_snapshots_from"):
+        small(select="halving").validate()
+    with pytest.raises(ValueError, match="select_snapshots_from=64 needs agent.snapshot_every"):
+        small(seeds=2, select="halving", select_snapshots_from=64).validate()
+    with pytest.raises(ValueError, match="agent.select_keep must be an integer >= 2, got 1"):
+        small(seeds=2, select="halving", select_keep=1).validate()
+    with pytest.raises(ValueError, match="agent.select_first_episodes must be an integer >= 1, got 0"):
+        small(seeds=2, select="halving", select_first_episodes=0).validate()
     with pytest.raises(ValueError, match="agent.select=best picks among agent.seeds > 1 agents"):
         small(select="best").validate()
     with pytest.raises(ValueError, match="agent.select_max_frames must be a positive integer or null, got 0"):

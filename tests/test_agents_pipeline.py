@@ -157,6 +157,19 @@ def test_pipeline_with_a_seed_ensemble(tmp_path):
     assert agent_json["real_frames_used"] == frames + sel["real_frames"] <= cfg.pipeline.max_real_frames
     assert f"{sel['selected']} chosen from 3 candidates by 1 real episodes each" in (
         tmp_path / "report" / "report.md").read_text()
+    # agent.select=halving: the same pool by successive halving, within what the budget leaves
+    for stage in ("agent", "evaluate", "report"):
+        (tmp_path / "pipeline" / f"{stage}.json").unlink()
+    (agent_dirs(cfg)["imagination"] / "result.json").unlink()
+    cfg.agent.select = "halving"
+    cfg.pipeline.max_real_frames = frames + 30  # 3 candidates x 2 episodes: cut at 5 steps
+    pipeline.run(cfg)
+    agent_json = json.loads((tmp_path / "report" / "agent.json").read_text())
+    sel = json.loads((agent_dirs(cfg)["imagination"] / "result.json").read_text())["selection"]
+    assert sel["rule"] == "successive halving" and sel["budget"] == 30 and sel["rounds"][0]["max_steps"] == 5
+    assert agent_json["real_frames_used"] == frames + sel["real_frames"] <= cfg.pipeline.max_real_frames
+    assert f"{sel['selected']} chosen from 3 candidates by successive halving over" in (
+        tmp_path / "report" / "report.md").read_text()
 
 
 def test_collector_timesteps_shorten_every_agent_but_the_last(tmp_path):

@@ -142,19 +142,20 @@ def stage_agent(cfg: DictConfig, warm_start: Path | None = None, max_real_frames
                 spent: int = 0) -> dict[str, Any]:
     """The imagination agent; ``warm_start``: a previous iteration's ``checkpoint.zip`` to continue from.
 
-    With ``agent.select=best`` the real episodes that choose among the seeds are capped to what is left of
+    With ``agent.select=best`` or ``halving`` the real episodes that choose the agent are capped to what is left of
     ``max_real_frames`` after the dataset and the ``spent`` frames of earlier selections (unless
     ``agent.select_max_frames`` is set)."""
     from sfv_world.apps import agent
     from sfv_world.datasets import DatasetReader
 
     overrides: dict[str, Any] = {"agent.baseline": False}
-    if (OmegaConf.select(cfg, "agent.select", default="ensemble") == "best" and max_real_frames is not None
+    rule = OmegaConf.select(cfg, "agent.select", default="ensemble")
+    if (rule in ("best", "halving") and max_real_frames is not None
             and OmegaConf.select(cfg, "agent.select_max_frames", default=None) is None):
         with DatasetReader(cfg.dataset) as reader:
             left = int(max_real_frames) - reader.num_transitions - int(spent)
         if left <= 0:
-            raise ValueError(f"agent.select=best needs real frames, but the budget pipeline.max_real_frames="
+            raise ValueError(f"agent.select={rule} needs real frames, but the budget pipeline.max_real_frames="
                              f"{max_real_frames} is spent")
         overrides["agent.select_max_frames"] = left
     if warm_start is not None:
@@ -583,9 +584,10 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
     agent_name = f"imagination (dream only; ensemble of {len(members)} {kind})" if members else "imagination (dream only)"
     selection = (agent.get("imagination") or {}).get("selection")
     if selection:
+        how = (f"by {selection['episodes']} real episodes each" if selection.get("rule") != "successive halving"
+               else f"by successive halving over {len(selection['rounds'])} rounds of real episodes")
         agent_name = (f"imagination (dream only; {selection['selected']} chosen from "
-                      f"{len(selection['scores'])} candidates by {selection['episodes']} real episodes each, "
-                      f"{fmt(selection['real_frames'])} real frames)")
+                      f"{len(selection['scores'])} candidates {how}, {fmt(selection['real_frames'])} real frames)")
     alone = "imagination, first seed's agent alone" if seeds else "imagination, last policy alone"
     for name, key in ((agent_name, "imagination"), (alone, "imagination_last_policy"),
                       ("model-free (real steps)", "model_free"), ("random", "random")):
