@@ -85,11 +85,15 @@ def model_config_for(cfg: DictConfig, reader: DatasetReader) -> StarFlowVConfig:
     return StarFlowVConfig.from_dict({**OmegaConf.to_container(cfg.model, resolve=True), "action_kind": kind, "action_dim": dim})
 
 
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from 1 down to ``min_ratio`` at ``total``."""
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, time_progress: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 down to ``min_ratio`` at ``total``.
+
+    ``time_progress`` in [0, 1]: the share of a wall-clock budget spent (``train.anneal_to_max_minutes``); the
+    cosine follows whichever of steps and time is further along, so a run stopped by the clock ends annealed.
+    """
     if step < warmup:
         return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), float(time_progress)))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -376,11 +380,15 @@ class Trainer:
         )
         total = int(self.tcfg.steps)
         warm = int(self.tcfg.warmup_steps)
+        # train.max_minutes: seconds trained so far (over resumes), and their share of the budget that the
+        # schedule follows with train.anneal_to_max_minutes
+        self.train_seconds, self.time_progress = 0.0, 0.0
         self.flow_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.flow_opt, lambda s: lr_lambda(s, warm, total, self.tcfg.min_lr / self.tcfg.lr)
+            self.flow_opt, lambda s: lr_lambda(s, warm, total, self.tcfg.min_lr / self.tcfg.lr, self.time_progress)
         )  # one multiplier for both groups
         self.den_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.den_opt, lambda s: lr_lambda(s, warm, total, self.tcfg.min_lr / self.tcfg.denoiser_lr)
+            self.den_opt,
+            lambda s: lr_lambda(s, warm, total, self.tcfg.min_lr / self.tcfg.denoiser_lr, self.time_progress),
         )
         self.flow_net: torch.nn.Module = self.model.flow
         self.denoiser_net: torch.nn.Module = self.model.denoiser
@@ -416,6 +424,7 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "rng": rng_state(),
                 "skipped_steps": self.skipped_steps,
+                "train_seconds": self.train_seconds,
             },
         }
 
@@ -453,6 +462,7 @@ class Trainer:
         self.sampler.load_state_dict(train["sampler"])
         set_rng_state(train["rng"])
         self.skipped_steps = int(train.get("skipped_steps", 0))
+        self.train_seconds = float(train.get("train_seconds", 0.0))
         self.step = int(payload["step"])
         if self.is_main:
             print(f"resumed from {self.ckpt_path} at step {self.step}")
@@ -609,7 +619,11 @@ class Trainer:
         batches = batches_forever(loader, self.sampler, int(tcfg.batch_size))
         logger = RunLogger(self.run_dir / "train") if self.is_main else None
         total = int(tcfg.steps)
-        deadline = time.time() + 60 * float(tcfg.max_minutes) if tcfg.max_minutes else None
+        budget_s = 60 * float(tcfg.max_minutes) if tcfg.max_minutes else None
+        anneal = bool(tcfg.get("anneal_to_max_minutes", False)) and budget_s is not None
+        start, seconds0 = time.time(), self.train_seconds
+        if anneal:  # a resumed run goes on where its schedule was
+            self.time_progress = min(1.0, self.train_seconds / budget_s)
         frames_per_step = int(tcfg.batch_size) * int(tcfg.clip_len) * self.world_size
         bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.is_main, dynamic_ncols=True)
         last: dict[str, float] = {}
@@ -631,7 +645,10 @@ class Trainer:
                     if logger:
                         logger.log(self.step, {f"train/{k}": v for k, v in last.items()})
                 stop = tcfg.stop_after is not None and self.step >= int(tcfg.stop_after)
-                if deadline is not None and time.time() > deadline:
+                self.train_seconds = self.synced_seconds(seconds0 + time.time() - start)
+                if anneal:
+                    self.time_progress = min(1.0, self.train_seconds / budget_s)
+                if budget_s is not None and self.train_seconds > budget_s:
                     stop = True
                     if self.is_main:
                         tqdm.write(f"train.max_minutes={tcfg.max_minutes} reached at step {self.step}; stopping")
@@ -654,6 +671,15 @@ class Trainer:
         if logger:
             logger.close()
         return last
+
+    def synced_seconds(self, seconds: float) -> float:
+        """Training seconds as rank 0 counts them, on every rank: a clock-driven schedule or stop must not
+        differ between DDP ranks (one rank stopping early would hang the others)."""
+        if not self.distributed:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

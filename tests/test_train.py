@@ -51,6 +51,31 @@ def test_lr_schedule_warmup_then_cosine():
     assert 0.01 < mid < 1.0
 
 
+def test_lr_schedule_follows_the_clock_when_it_is_ahead_of_the_steps():
+    assert lr_lambda(20, 10, 100, 0.01, time_progress=1.0) == pytest.approx(0.01)  # the budget is spent: annealed
+    assert lr_lambda(20, 10, 100, 0.01, time_progress=0.5) == pytest.approx(lr_lambda(55, 10, 100, 0.01))
+    assert lr_lambda(80, 10, 100, 0.01, time_progress=0.1) == lr_lambda(80, 10, 100, 0.01)  # steps ahead: steps
+    assert lr_lambda(3, 10, 100, 0.01, time_progress=0.9) == pytest.approx(0.4)  # warm-up is by steps
+
+
+def test_training_anneals_to_max_minutes_and_counts_time_over_resumes(cartpole16, tmp_path):
+    """train.anneal_to_max_minutes: a run the clock stops long before train.steps still ends at min_lr, and the
+    seconds trained are saved, so a resumed run continues the same budget instead of starting a new one."""
+    from sfv_world.checkpoint import load_checkpoint
+
+    budget = ["train.steps=100000", "train.max_minutes=0.05", "train.eval_every=100000", "train.warmup_steps=2"]
+    trainer = run_trainer(tiny_overrides(cartpole16, tmp_path, *budget, "train.anneal_to_max_minutes=true"))
+    assert 2 < trainer.step < 100000 and trainer.train_seconds > 3.0
+    assert trainer.flow_sched.get_last_lr()[0] == pytest.approx(trainer.tcfg.min_lr, rel=0.1)  # one step behind the clock
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train"]["train_seconds"]
+    assert saved == pytest.approx(trainer.train_seconds)
+    resumed = run_trainer(tiny_overrides(cartpole16, tmp_path, *budget, "train.anneal_to_max_minutes=true",
+                                         "train.resume=true"))
+    assert resumed.step == trainer.step + 1  # the budget was already spent: one step, then stop
+    plain = run_trainer(tiny_overrides(cartpole16, tmp_path / "plain", *budget))  # without: the step cosine
+    assert plain.flow_sched.get_last_lr()[0] > 0.9 * plain.tcfg.lr
+
+
 def test_tiny_training_loss_goes_down(cartpole16, tmp_path):
     trainer = run_trainer(tiny_overrides(cartpole16, tmp_path, "train.steps=60", "train.eval_every=60"))
     curve = losses(tmp_path)
