@@ -23,7 +23,9 @@ action distribution), ``policy.zip`` is a copy of the first seed's alone, and ``
 ensemble and lists every member's own result. With ``select`` = ``"best"`` each seed's agent and the ensemble
 play the same real episodes and the best mean return is the agent (:func:`select_agent`): ``policy.zip`` is
 that seed's policy (no ``ensemble.json``) or the ensemble as above, and ``result.json["selection"]`` holds the
-scores and the real frames the choice cost.
+scores and the real frames the choice cost. With ``select`` = ``"halving"`` the pool also holds each seed's
+snapshots from ``select_snapshots_from`` steps on (``seed<s>@<steps>``), chosen by successive halving
+(:mod:`sfv_world.agents.selection`); a chosen snapshot is copied to ``policy.zip``.
 """
 
 from __future__ import annotations
@@ -492,8 +494,9 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
     """``settings.seeds`` = 1: :func:`train_in_imagination`. N > 1: N independently seeded agents in ``seed<s>/``
     (each resumes or is reused on its own), then their ensemble (mean action distribution), evaluated on the
     same real episodes as a single agent would be; with ``settings.select="best"`` the agent is whichever of
-    the N agents and their ensemble scores best on those episodes (:func:`select_agent`). Returns the result
-    dict (also ``out_dir/result.json``)."""
+    the N agents and their ensemble scores best on those episodes (:func:`select_agent`); with ``"halving"`` the
+    pool also holds every seed's late snapshots and successive halving picks (:func:`select_halving`; also for
+    one seed). Returns the result dict (also ``out_dir/result.json``)."""
     settings.validate()
     if settings.seeds == 1 and settings.select != "halving":
         return train_in_imagination(checkpoint, env_cfg, out_dir, settings, progress)
