@@ -92,9 +92,9 @@ def simulate(raw: dict, trials: int, budget: int, best_episodes: int, first_epis
         used = [0]
 
         def evaluate(name, episodes, seed, max_steps):
+            if seed + episodes >= E:  # the chosen one must keep unused episodes to be judged on
+                raise SystemExit(f"halving asked for episode {seed + episodes} of {E} measured: pass more --episodes")
             cols = perm[seed:seed + episodes]
-            if seed + episodes > E:
-                raise RuntimeError(f"halving asked for episode {seed + episodes} of {E} measured: measure more")
             used[0] = max(used[0], seed + episodes)
             cut = np.minimum(L[index[name], cols], max_steps)
             return cut.astype(np.float64), cut

@@ -645,13 +645,16 @@ class Trainer:
                     if logger:
                         logger.log(self.step, {f"train/{k}": v for k, v in last.items()})
                 stop = tcfg.stop_after is not None and self.step >= int(tcfg.stop_after)
-                self.train_seconds = self.synced_seconds(seconds0 + time.time() - start)
-                if anneal:
-                    self.time_progress = min(1.0, self.train_seconds / budget_s)
-                if budget_s is not None and self.train_seconds > budget_s:
-                    stop = True
-                    if self.is_main:
-                        tqdm.write(f"train.max_minutes={tcfg.max_minutes} reached at step {self.step}; stopping")
+                if budget_s is None:
+                    self.train_seconds = seconds0 + time.time() - start
+                else:  # only a clock-driven run needs the ranks to agree on the time (one broadcast a step)
+                    self.train_seconds = self.synced_seconds(seconds0 + time.time() - start)
+                    if anneal:
+                        self.time_progress = min(1.0, self.train_seconds / budget_s)
+                    if self.train_seconds > budget_s:
+                        stop = True
+                        if self.is_main:
+                            tqdm.write(f"train.max_minutes={tcfg.max_minutes} reached at step {self.step}; stopping")
                 # evaluate at every eval_every and before the final checkpoint (it holds the calibrated
                 # termination threshold)
                 if self.step % int(tcfg.eval_every) == 0 or self.step == total or stop:
