@@ -473,7 +473,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
-        """One optimisation step of flow + heads, then one of the denoiser."""
+        """One optimisation step of flow + heads, then one of the denoiser (``fit`` steps the lr schedules)."""
         cfg, tcfg = self.model_config, self.tcfg
         batch = self.to_device(batch)
         shift = int(tcfg.get("shift_augment", 0) or 0)
@@ -513,8 +513,6 @@ class Trainer:
         den_loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.denoiser_parameters(), tcfg.grad_clip)
         self.den_opt.step()
-        self.flow_sched.step()
-        self.den_sched.step()
         return StepResult(
             loss=loss.item(), flow_loss=flow_loss.item(), head_loss=head_loss.item(), denoiser_loss=den_loss.item(),
             grad_norm=grad_norm, skipped=skipped, metrics=head_metrics,
@@ -655,6 +653,10 @@ class Trainer:
                         stop = True
                         if self.is_main:
                             tqdm.write(f"train.max_minutes={tcfg.max_minutes} reached at step {self.step}; stopping")
+                # the next step's rates, after the clock is read: under anneal_to_max_minutes a run the clock
+                # stops leaves min_lr, whatever its last step cost
+                self.flow_sched.step()
+                self.den_sched.step()
                 # evaluate at every eval_every and before the final checkpoint (it holds the calibrated
                 # termination threshold)
                 if self.step % int(tcfg.eval_every) == 0 or self.step == total or stop:
