@@ -548,13 +548,20 @@ def test_cli_collect_stops_when_the_interrupt_lands_in_a_weakref_callback(tmp_pa
 
     monkeypatch.setattr(collect_app, "make_policy", make_policy)
     ds = tmp_path / "cp"
-    code = main(["collect", "env=cartpole", "collect.episodes=1000", "collect.frame_size=8", "collect.progress=false",
-                 f"dataset={ds}"])
+    # a run started with SIGINT ignored (`bash .ci/run &` in a shell without job control) keeps it ignored, as
+    # `nohup` wants; this test is about a live Ctrl-C, so it makes SIGINT live for its run
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["collect", "env=cartpole", "collect.episodes=1000", "collect.frame_size=8",
+                     "collect.progress=false", f"dataset={ds}"])
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     err = capsys.readouterr().err
     assert code == 130, err
     assert calls["n"] == 30  # stopped at the very next step
     assert "interrupted" in err and not ds.exists() and partial_path_for(ds).exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert restored is signal.default_int_handler  # handlers restored
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
