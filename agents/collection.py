@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sfv_world.agents.evaluation import ObservationSpec
+from sfv_world.agents.evaluation import ObservationSpec, dataset_crop, dataset_strips
 from sfv_world.envs.wrappers import stack_frames
 
 
@@ -111,10 +111,17 @@ def merge_datasets(sources: list[str | Path], dest: str | Path, overwrite: bool 
             if r.action_space != first.action_space or r.frame_shape != first.frame_shape:
                 raise ValueError(f"merge_datasets: {r.path} ({r.action_space}, {r.frame_shape}) does not match "
                                  f"{first.path} ({first.action_space}, {first.frame_shape})")
+            view, first_view = [(dataset_crop(x.metadata), dataset_strips(x.metadata)) for x in (r, first)]
+            if view != first_view:
+                raise ValueError(f"merge_datasets: {r.path} was cut with crop / strips {view}, {first.path} with "
+                                 f"{first_view}: their frames show different views")
         sfv = first.metadata.get("sfv_world", {})
+        crop, strips = dataset_crop(first.metadata), dataset_strips(first.metadata)
         with EpisodeWriter(dest, action_space=first.action_space, frame_shape=first.frame_shape,
                            env_id=first.env_id, env_spec=first.metadata.get("env_spec"), overwrite=overwrite,
                            info={"merged_from": [str(r.path) for r in readers],
+                                 "crop": None if crop is None else list(crop),
+                                 "strips": None if strips is None else [list(s) for s in strips],
                                  **{k: v for k, v in sfv.items() if k in ("env_name", "env_kwargs", "frame_source")}}
                            ) as writer:
             for r in readers:

@@ -17,7 +17,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from sfv_world.envs.sources import check_crop, make_pixel_env
+from sfv_world.envs.sources import check_crop, check_strips, make_pixel_env
 from sfv_world.envs.wrappers import FrameStack, ResizeObservation, stack_frames
 
 
@@ -30,29 +30,56 @@ class ObservationSpec:
     model_frame_size: int
     frame_stack: int = 1
     crop: tuple[int, int, int, int] | None = None  # the dataset's crop box of the raw frame (env.crop)
+    strips: tuple[tuple[int, int], ...] | None = None  # its column strips of the crop (env.strips)
 
     @classmethod
     def from_meta(cls, dataset_meta: dict, model_frame_size: int, obs_mode: str, frame_stack: int) -> ObservationSpec:
-        """The spec of a world model trained on a dataset with metadata ``dataset_meta`` (its frame size
-        and crop under ``"sfv_world"``) at ``model_frame_size``."""
+        """The spec of a world model trained on a dataset with metadata ``dataset_meta`` (its frame size,
+        crop and strips under ``"sfv_world"``) at ``model_frame_size``."""
         meta = dataset_meta.get("sfv_world") or {}
         stored = meta.get("frame_shape") or [model_frame_size]
-        return cls(obs_mode, int(stored[0]), int(model_frame_size), int(frame_stack), dataset_crop(dataset_meta))
+        return cls(obs_mode, int(stored[0]), int(model_frame_size), int(frame_stack), dataset_crop(dataset_meta),
+                   dataset_strips(dataset_meta))
 
     @classmethod
     def from_runtime(cls, runtime, obs_mode: str, frame_stack: int) -> ObservationSpec:
         return cls.from_meta(runtime.dataset_meta, int(runtime.frame_shape[0]), obs_mode, frame_stack)
 
     def check_env(self, env_cfg: Any) -> None:
-        """Raise if the real env config would crop its frames differently from the world model's data."""
-        crop = check_crop(env_cfg.get("crop") if hasattr(env_cfg, "get") else getattr(env_cfg, "crop", None))
+        """Raise if the real env config would crop (or strip) its frames differently from the world model's data."""
+        get = env_cfg.get if hasattr(env_cfg, "get") else lambda k, d=None: getattr(env_cfg, k, d)
+        crop = check_crop(get("crop"))
         if crop != self.crop:
             raise ValueError(f"env.crop={None if crop is None else list(crop)} but the world model's dataset was "
                              f"collected with crop {None if self.crop is None else list(self.crop)}: the real env "
-                             f"would show the agent other frames; pass env.crop={self._crop_override()}")
+                             f"would show the agent other frames; pass env.crop={self._override(self.crop)}")
+        strips = check_strips(get("strips"))
+        if strips != self.strips:
+            raise ValueError(f"env.strips={self._override(strips)} but the world model's dataset was collected "
+                             f"with strips {self._override(self.strips)}: the real env would show the agent other "
+                             f"frames; pass env.strips={self._override(self.strips)}")
 
-    def _crop_override(self) -> str:
-        return "null" if self.crop is None else "[" + ",".join(str(v) for v in self.crop) + "]"
+    def view_config(self) -> dict[str, Any]:
+        """The env-config keys that reproduce the dataset's view: {"crop": list | None, "strips": list | None}."""
+        return {"crop": None if self.crop is None else list(self.crop),
+                "strips": None if self.strips is None else [list(s) for s in self.strips]}
+
+    @staticmethod
+    def _override(value: Any) -> str:
+        return "null" if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _env_spec_crop_kwargs(dataset_meta: dict) -> dict | None:
+    """The ``CropFrame`` wrapper's kwargs recorded in a dataset's ``env_spec``, or None."""
+    spec = dataset_meta.get("env_spec")
+    try:
+        wrappers = json.loads(spec).get("additional_wrappers", []) if isinstance(spec, str) else []
+    except (ValueError, AttributeError):
+        wrappers = []
+    for w in wrappers:
+        if isinstance(w, dict) and w.get("name") == "CropFrame":
+            return w.get("kwargs") or {}
+    return None
 
 
 def dataset_crop(dataset_meta: dict) -> tuple[int, int, int, int] | None:
@@ -61,15 +88,18 @@ def dataset_crop(dataset_meta: dict) -> tuple[int, int, int, int] | None:
     meta = dataset_meta.get("sfv_world") or {}
     if "crop" in meta:
         return check_crop(meta["crop"], "the dataset's crop")
-    spec = dataset_meta.get("env_spec")
-    try:
-        wrappers = json.loads(spec).get("additional_wrappers", []) if isinstance(spec, str) else []
-    except (ValueError, AttributeError):
-        wrappers = []
-    for w in wrappers:
-        if isinstance(w, dict) and w.get("name") == "CropFrame":
-            return check_crop((w.get("kwargs") or {}).get("crop"), "the dataset's env_spec crop")
-    return None
+    kwargs = _env_spec_crop_kwargs(dataset_meta)
+    return None if kwargs is None else check_crop(kwargs.get("crop"), "the dataset's env_spec crop")
+
+
+def dataset_strips(dataset_meta: dict) -> tuple[tuple[int, int], ...] | None:
+    """The column strips of a dataset's crop (``metadata["sfv_world"]["strips"]``, else the ``CropFrame``
+    wrapper in its ``env_spec``); None: the crop is not cut into strips."""
+    meta = dataset_meta.get("sfv_world") or {}
+    if "strips" in meta:
+        return check_strips(meta["strips"], name="the dataset's strips")
+    kwargs = _env_spec_crop_kwargs(dataset_meta)
+    return None if kwargs is None else check_strips(kwargs.get("strips"), name="the dataset's env_spec strips")
 
 
 def make_real_pixel_env(env_cfg: Any, spec: ObservationSpec) -> gym.Env:

@@ -38,7 +38,7 @@ def run_spec(label: str, checkpoint: str, policies: list[str], seed: int, episod
     spec = ObservationSpec.from_runtime(runtime, "latent", 1)
     env_cfg = OmegaConf.create({"name": "cartpole", "id": runtime.dataset_meta.get("env_id", "CartPole-v1"),
                                 "frame_source": "render", "kwargs": {},
-                                "crop": None if spec.crop is None else list(spec.crop)})
+                                **spec.view_config()})
     ensemble = load_ensemble(policies, algo_class("ppo"))
     candidates = {f"seed{seed + k}": m for k, m in enumerate(ensemble.models)}
     candidates["ensemble"] = ensemble

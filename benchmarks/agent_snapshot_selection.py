@@ -52,7 +52,7 @@ def measure(label: str, checkpoint: str, agent_dir: str, from_steps: int, episod
     spec = ObservationSpec.from_runtime(runtime, "latent", 1)
     env_cfg = OmegaConf.create({"name": "cartpole", "id": runtime.dataset_meta.get("env_id", "CartPole-v1"),
                                 "frame_source": "render", "kwargs": {},
-                                "crop": None if spec.crop is None else list(spec.crop)})
+                                **spec.view_config()})
     ensemble = load_ensemble([p / "policy.zip" for p in seed_dirs], algo_class("ppo"))
     _, _, runtime.features = policy_input(ensemble.models[0], runtime.frame_shape, runtime.feature_dims)
     settings = AgentSettings(obs_mode="latent", latent_features=runtime.features, seed=first, seeds=len(seed_dirs),

@@ -128,7 +128,7 @@ def probe_checkpoint(path: str, args) -> dict:
     if env_id not in (None, "CartPole-v1"):
         raise SystemExit(f"--checkpoint {path}: its dataset's env is {env_id!r}; the controller needs CartPole-v1")
     env_cfg = OmegaConf.create({"name": "cartpole", "id": "CartPole-v1", "frame_source": "render", "kwargs": {},
-                                "crop": None if spec.crop is None else list(spec.crop)})
+                                **spec.view_config()})
     factory = base.sibling
 
     rng = np.random.default_rng(args.seed)

@@ -61,6 +61,30 @@ def check_crop(crop: Any, name: str = "env.crop") -> tuple[int, int, int, int] |
     return box  # type: ignore[return-value]
 
 
+def check_strips(strips: Any, width: int | None = None, name: str = "env.strips") -> tuple[tuple[int, int], ...] | None:
+    """Validate column strips ``[[left, right], ...]`` (right exclusive, columns of the cropped
+    frame) or None. Two or more strips of one width; ``width``, when known, bounds them."""
+    strips = _plain(strips)
+    if strips is None:
+        return None
+    try:
+        out = tuple((int(a), int(b)) for a, b in strips)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of [left, right] column ranges, got {strips!r}") from None
+    if len(out) < 2 or any(a < 0 or b <= a for a, b in out):
+        raise ValueError(f"{name} must be two or more [left, right] ranges with 0 <= left < right, got {strips!r}")
+    if len({b - a for a, b in out}) != 1:
+        raise ValueError(f"{name} must be ranges of one width (they are stacked top to bottom), got {strips!r}")
+    if width is not None and max(b for _, b in out) > width:
+        raise ValueError(f"{name} {[list(s) for s in out]} reaches past the {width} columns of the (cropped) frame")
+    return out
+
+
+def stack_strips(frame: np.ndarray, strips: Sequence[tuple[int, int]]) -> np.ndarray:
+    """uint8 [H, W(, C)] -> [len(strips) * H, w(, C)]: the column ranges ``strips`` stacked top to bottom."""
+    return np.ascontiguousarray(np.concatenate([frame[:, a:b] for a, b in strips], axis=0))
+
+
 class CropFrame(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Crop the env's frames to the box ``[top, bottom, left, right]`` of the raw image (before any resize).
 
@@ -68,23 +92,32 @@ class CropFrame(gym.Wrapper, gym.utils.RecordConstructorArgs):
     observations (and ``observation_space``). CartPole's render is 400 x 600 and the cart and pole live
     in rows ~160-320, so cropping those rows gives the pole ~2.5x the rows of the full frame at the same
     stored size. A box larger than the frame is an error that names it.
+
+    ``strips`` (optional, ``[[left, right], ...]`` columns of the cropped frame, one width) cuts a wide crop
+    into column strips stacked top to bottom, so a square stored frame keeps more of its width: CartPole's
+    160 x 600 crop as the strips [0, 360) and [240, 600) becomes 320 x 360, and a 32-pixel model frame gets
+    11.25 raw columns per pixel instead of 18.75. Overlapping strips keep the cart whole in one of them.
     """
 
-    def __init__(self, env: gym.Env, crop: Sequence[int], frame_source: FrameSource = "render"):
+    def __init__(self, env: gym.Env, crop: Sequence[int], frame_source: FrameSource = "render",
+                 strips: Sequence[Sequence[int]] | None = None):
         box = check_crop(crop, "CropFrame crop")
-        gym.utils.RecordConstructorArgs.__init__(self, crop=list(box), frame_source=frame_source)
+        cut = check_strips(strips, box[3] - box[2], "CropFrame strips")
+        gym.utils.RecordConstructorArgs.__init__(self, crop=list(box), frame_source=frame_source,
+                                                 strips=None if cut is None else [list(s) for s in cut])
         gym.Wrapper.__init__(self, env)
         if frame_source not in ("render", "obs"):
             raise ValueError(f"frame_source must be 'render' or 'obs', got {frame_source!r}")
-        self.crop, self.frame_source = box, frame_source
+        self.crop, self.strips, self.frame_source = box, cut, frame_source
         if frame_source == "obs":
             space = env.observation_space
             if not (isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) in (2, 3)):
                 raise ValueError(f"CropFrame(frame_source='obs') needs uint8 image observations, got {space}")
             self._check(space.shape)
             top, bottom, left, right = box
-            shape = (bottom - top, right - left, *space.shape[2:])
-            self.observation_space = spaces.Box(0, 255, shape, np.uint8)
+            shape = (bottom - top, right - left) if cut is None else (
+                (bottom - top) * len(cut), cut[0][1] - cut[0][0])
+            self.observation_space = spaces.Box(0, 255, (*shape, *space.shape[2:]), np.uint8)
 
     def _check(self, shape: tuple[int, ...]) -> None:
         _, bottom, _, right = self.crop
@@ -95,7 +128,8 @@ class CropFrame(gym.Wrapper, gym.utils.RecordConstructorArgs):
         frame = np.asarray(frame)
         self._check(frame.shape)
         top, bottom, left, right = self.crop
-        return np.ascontiguousarray(frame[top:bottom, left:right])
+        frame = frame[top:bottom, left:right]
+        return np.ascontiguousarray(frame) if self.strips is None else stack_strips(frame, self.strips)
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -164,8 +198,8 @@ def make_source_env(env_cfg: Any, *, render_mode: str | None = None) -> gym.Env:
 
     Keys: ``id`` (gymnasium id), ``frame_source`` ("render" | "obs"), ``kwargs`` (passed to
     ``gym.make``), optional ``action_subset`` (list of Discrete actions to keep) and
-    ``max_episode_steps``, optional ``crop`` ([top, bottom, left, right] of the raw frame, see
-    :class:`CropFrame`). ALE ids (``ALE/...``) register ale-py's envs; MiniGrid ids register
+    ``max_episode_steps``, optional ``crop`` ([top, bottom, left, right] of the raw frame) and ``strips``
+    (column ranges of the crop stacked top to bottom; see :class:`CropFrame`). ALE ids (``ALE/...``) register ale-py's envs; MiniGrid ids register
     minigrid's and default to the three navigation actions. With ``frame_source="render"`` the env is
     made with ``render_mode="rgb_array"`` unless ``render_mode`` says otherwise.
     """
@@ -197,8 +231,11 @@ def make_source_env(env_cfg: Any, *, render_mode: str | None = None) -> gym.Env:
     if action_subset is not None:
         env = ActionSubset(env, action_subset)
     crop = check_crop(_get(env_cfg, "crop"))
+    strips = check_strips(_get(env_cfg, "strips"), None if crop is None else crop[3] - crop[2])
+    if strips is not None and crop is None:
+        raise ValueError(f"env.strips={[list(s) for s in strips]} needs env.crop (the strips are columns of the crop)")
     if crop is not None:
-        env = CropFrame(env, crop, frame_source)
+        env = CropFrame(env, crop, frame_source, strips)
     return env
 
 

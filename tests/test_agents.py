@@ -249,6 +249,32 @@ def test_real_env_must_crop_like_the_dataset(cartpole):
         assert ObservationSpec.from_meta(reader.metadata, 16, "pixels", 1).crop is None
 
 
+def test_real_env_must_cut_strips_like_the_dataset():
+    """Strips (env.strips) are part of the view: the spec reads them from the dataset's metadata (or the
+    CropFrame in its env_spec), and a real env that cuts otherwise is refused with the override to pass."""
+    from sfv_world.agents.evaluation import dataset_strips
+
+    crop, strips = [160, 320, 0, 600], [[0, 360], [240, 600]]
+    meta = {"sfv_world": {"frame_shape": [32, 32, 3], "crop": crop, "strips": strips}}
+    spec = ObservationSpec.from_meta(meta, 16, "pixels", 1)
+    assert spec.strips == ((0, 360), (240, 600)) and spec.view_config() == {"crop": crop, "strips": strips}
+    with pytest.raises(ValueError, match=r"env.strips=null but .* collected with strips \[\[0,360\],\[240,600\]\].*"
+                                         r"pass env.strips=\[\[0,360\],\[240,600\]\]"):
+        make_real_pixel_env({**CARTPOLE, "crop": crop}, spec)
+    env = make_real_pixel_env({**CARTPOLE, **spec.view_config()}, spec)
+    assert env.reset(seed=0)[0].shape == (16, 16, 3)
+    with pytest.raises(ValueError, match=r"env.strips=\[\[0,360\],\[240,600\]\] but .* with strips null"):
+        make_real_pixel_env({**CARTPOLE, "crop": crop, "strips": strips},
+                            ObservationSpec("pixels", 32, 16, 1, crop=tuple(crop)))
+    wrapped = ('{"id": "CartPole-v1", "additional_wrappers": [{"name": "CropFrame", "kwargs": '
+               '{"crop": [1, 2, 3, 9], "strips": [[0, 3], [3, 6]]}}]}')
+    assert dataset_strips({"sfv_world": {}, "env_spec": wrapped}) == ((0, 3), (3, 6))
+    assert dataset_strips({"sfv_world": {"strips": None}, "env_spec": wrapped}) is None
+    assert dataset_strips({"sfv_world": {}}) is None
+    with pytest.raises(ValueError, match="the dataset's strips must be ranges of one width"):
+        dataset_strips({"sfv_world": {"strips": [[0, 3], [3, 7]]}})
+
+
 def test_agent_refuses_a_real_env_that_crops_otherwise_before_training(cartpole, tmp_path):
     """The crop check runs before the first PPO step, not at the first real evaluation (minutes in)."""
     with pytest.raises(ValueError, match=r"env.crop=\[160, 320, 0, 600\] but the world model's dataset was collected "
@@ -276,7 +302,7 @@ def test_agent_cli_entry_point(cartpole, tmp_path):
 
     cfg = compose(["preset=tiny", "device=cpu", f"run_dir={tmp_path}", f"checkpoint={cartpole['ckpt']}",
                    "agent.n_envs=4", "agent.total_timesteps=64", "agent.eval_every=64", "agent.eval_episodes=1",
-                   "agent.horizon=8", "agent.frame_stack=1", "env.crop=null"])  # the fixture's data is uncropped
+                   "agent.horizon=8", "agent.frame_stack=1", "env.crop=null", "env.strips=null"])  # the fixture's data is uncropped
     with open_dict(cfg):
         cfg.agent.algo_kwargs = {"n_steps": 16, "batch_size": 32, "n_epochs": 1}
     results = agent.run(cfg)
@@ -527,3 +553,26 @@ def test_batched_imagination_policy_collects_in_lock_step(cartpole, tmp_path):
     with pytest.raises(ValueError, match="batch size n_envs=2"):
         BatchedImaginationAgentPolicy(Recorder(), envs[0].action_space, ObservationSpec("latent", 32, 16, 1), 2,
                                       runtime=runtime)
+
+
+def test_merge_keeps_the_view_and_refuses_mixed_views(tmp_path):
+    """merge_datasets carries the sources' crop and strips into the merged metadata (the later agent
+    evaluations read them there) and refuses sources cut with different views."""
+    from sfv_world.agents.collection import merge_datasets
+    from sfv_world.datasets import DatasetReader, RandomPolicy, collect
+    from sfv_world.envs.sources import make_source_env
+
+    crop, strips = [160, 320, 0, 600], [[0, 360], [240, 600]]
+    for name, view in (("a", {"crop": crop, "strips": strips}), ("b", {"crop": crop, "strips": strips}),
+                       ("plain", {"crop": crop, "strips": None})):
+        env = make_source_env({**CARTPOLE, **view})
+        collect(env, tmp_path / name, RandomPolicy(env.action_space), episodes=1, frame_size=16, seed=1,
+                progress=False, info=view)
+        env.close()
+    merged = merge_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    with DatasetReader(merged) as r:
+        assert r.num_episodes == 2
+        spec = ObservationSpec.from_meta(r.metadata, 16, "pixels", 1)
+    assert spec.view_config() == {"crop": crop, "strips": strips}
+    with pytest.raises(ValueError, match=r"merge_datasets: .*plain was cut with crop / strips .*different views"):
+        merge_datasets([tmp_path / "a", tmp_path / "plain"], tmp_path / "mixed")

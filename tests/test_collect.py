@@ -459,6 +459,39 @@ def test_crop_frame_cuts_the_raw_frame_before_the_resize(tmp_path: Path) -> None
     full.close(), env.close(), pix.close()
 
 
+def test_strips_stack_column_ranges_of_the_crop_top_to_bottom(tmp_path: Path) -> None:
+    """env.strips cuts the cropped frame into column ranges stacked top to bottom (before the resize);
+    the dataset's env_spec records them; bad strips are errors that name env.strips."""
+    from sfv_world.envs.sources import CropFrame, make_pixel_env, make_source_env
+
+    full = make_source_env({"id": "CartPole-v1"})
+    full.reset(seed=3)
+    raw = full.render()[160:320]
+    cfg = {"id": "CartPole-v1", "crop": [160, 320, 0, 600], "strips": [[0, 360], [240, 600]]}
+    env = make_source_env(cfg)
+    env.reset(seed=3)
+    frame = env.render()
+    assert frame.shape == (320, 360, 3)
+    np.testing.assert_array_equal(frame[:160], raw[:, 0:360])
+    np.testing.assert_array_equal(frame[160:], raw[:, 240:600])
+    pix = make_pixel_env(cfg, frame_size=16)
+    obs, _ = pix.reset(seed=3)
+    np.testing.assert_array_equal(obs, area_resize(np.concatenate([raw[:, :360], raw[:, 240:]], 0), 16))
+    collect(env, tmp_path / "cut", RandomPolicy(env.action_space), episodes=1, frame_size=16, progress=False)
+    assert "[[0, 360], [240, 600]]" in DatasetReader(tmp_path / "cut").metadata["env_spec"]
+    obs_env = CropFrame(CountingEnv(), [1, 5, 0, 8], frame_source="obs", strips=[[0, 4], [4, 8]])
+    o, _ = obs_env.reset(seed=0)
+    assert o.shape == (8, 4, 3) and obs_env.observation_space.shape == (8, 4, 3)
+    for strips, msg in (([[0, 360]], "two or more"), ([[0, 300], [200, 600]], "one width"),
+                        ([[0, 360], [260, 620]], "reaches past the 600 columns"), ("wide", "column ranges"),
+                        ([[10, 5], [0, 5]], "two or more")):
+        with pytest.raises(ValueError, match=rf"env.strips.*{msg}"):
+            make_source_env({**cfg, "strips": strips})
+    with pytest.raises(ValueError, match=r"env.strips=.* needs env.crop"):
+        make_source_env({"id": "CartPole-v1", "strips": [[0, 300], [300, 600]]})
+    full.close(), env.close(), pix.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 
@@ -477,7 +510,9 @@ def test_cli_collect_and_inspect(tmp_path: Path, capsys) -> None:
     assert DatasetReader(ds).metadata["sfv_world"]["crop"] == [160, 320, 0, 600]  # CartPole's default
     assert main(args + ["collect.overwrite=true", "seed=1", "env.crop=null"]) == 0
     meta = DatasetReader(ds).metadata["sfv_world"]
-    assert meta["seed"] == 1 and meta["crop"] is None
+    assert meta["seed"] == 1 and meta["crop"] is None and meta["strips"] is None
+    assert main(args + ["collect.overwrite=true", "env=cartpole_strips"]) == 0
+    assert DatasetReader(ds).metadata["sfv_world"]["strips"] == [[0, 360], [240, 600]]
     sheet = tmp_path / "sheet.png"
     assert main(["inspect", str(ds), f"inspect.contact_sheet={sheet}", "inspect.samples=5"]) == 0
     out = capsys.readouterr().out

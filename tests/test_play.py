@@ -147,7 +147,7 @@ def test_play_side_by_side_and_image(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"play.side_by_side: .*collected with crop None.*pass env.crop=null"):
         PlayApp(compose(tiny, "play.side_by_side=true", f"play.record_dir={tmp_path}"))
     cfg = compose(tiny, "play.side_by_side=true", f"play.image={picture}", f"play.record_dir={tmp_path}",
-                  "env.crop=null")
+                  "env.crop=null", "env.strips=null")
     app = PlayApp(cfg)
     s = app.session
     assert s.real_env is not None and s.source == "real env"

@@ -103,6 +103,14 @@ def crop_list(env_cfg) -> list[int] | None:
     return None if box is None else list(box)
 
 
+def strips_list(env_cfg) -> list[list[int]] | None:
+    """The env config's column strips as plain lists (stored in the dataset's metadata), or None."""
+    from sfv_world.envs.sources import check_strips
+
+    cut = check_strips(OmegaConf.select(env_cfg, "strips", default=None))
+    return None if cut is None else [list(s) for s in cut]
+
+
 def _run(cfg: DictConfig, request: _StopRequest | None) -> int:
     from sfv_world.apps.inspect import format_summary, summarise
     from sfv_world.datasets import DatasetReader
@@ -131,7 +139,7 @@ def _run(cfg: DictConfig, request: _StopRequest | None) -> int:
                 env_id=cfg.env.id, overwrite=overwrite, progress=bool(ccfg.get("progress", True)),
                 info={"env_name": cfg.env.name,
                       "env_kwargs": OmegaConf.to_container(cfg.env.kwargs, resolve=True) if cfg.env.kwargs else {},
-                      "crop": crop_list(cfg.env)})
+                      "crop": crop_list(cfg.env), "strips": strips_list(cfg.env)})
     except KeyboardInterrupt:
         partial = partial_path_for(path)
         n = DatasetReader(partial).num_episodes if partial.exists() else 0
