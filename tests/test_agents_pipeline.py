@@ -212,3 +212,49 @@ def test_only_the_recorded_benchmark_run_writes_benchmark_results(tmp_path):
     cfg.preset_name = "tiny"
     cfg.pipeline.record_benchmark = True
     assert records_benchmark(cfg) and quality_output(cfg) == Path(cfg.quality.output)
+
+
+def test_fidelity_gate_redraws_a_failing_world_model_and_uses_the_best(tmp_path):
+    """pipeline.fidelity: a gate no dream can pass (max_ratio 1.0001) makes the pipeline train one more world
+    model (seed + 1, in draw1/), measure it, and use the draw with the smaller worst factor; the report and
+    agent.json show every draw; a re-run redoes nothing."""
+    from sfv_world.apps import pipeline
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    cfg = pipeline._with(cfg, **{"pipeline.fidelity.max_ratio": 1.0001, "pipeline.fidelity.redraws": 1,
+                                 "pipeline.fidelity.episodes": 4, "pipeline.fidelity.horizon": 6})
+    results = pipeline.run(cfg)
+    fid = results["fidelity"]
+    assert len(fid["draws"]) == 2 and all(d["passes"] is False for d in fid["draws"])
+    assert [d["checkpoint"] for d in fid["draws"]] == [str(tmp_path / "checkpoints" / "last.pt"),
+                                                       str(tmp_path / "draw1" / "checkpoints" / "last.pt")]
+    best = min(range(2), key=lambda i: fid["draws"][i]["worst"])
+    assert fid["chosen"] == best and fid["checkpoint"] == fid["draws"][best]["checkpoint"]
+    for d in fid["draws"]:
+        assert set(d["policies"]) == {"random", "always_0", "always_1"}
+        for r in d["policies"].values():
+            assert 1 <= r["real_mean"] <= 6 and 1 <= r["dream_mean"] <= 6
+    assert (tmp_path / "draw1" / "checkpoints" / "last.pt").is_file()
+    agent_json = json.loads((tmp_path / "report" / "agent.json").read_text())
+    assert agent_json["fidelity"]["chosen"] == best and len(agent_json["fidelity"]["draws"]) == 2
+    assert {"fidelity", "train~1", "fidelity~1"} <= set(agent_json["stage_wall_s"])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Dream fidelity" in text and "model 0 failed" in text and "model 1 failed" in text
+    assert f"| {best} (used) | always_0 |" in text
+    mtime = (tmp_path / "draw1" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert pipeline.run(cfg)["fidelity"]["chosen"] == best
+    assert (tmp_path / "draw1" / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+
+
+def test_fidelity_settings_are_checked():
+    from sfv_world.apps import pipeline
+
+    cfg = tiny_pipeline_cfg("unused")
+    assert pipeline.fidelity_settings(cfg)["check"] is False
+    assert pipeline.fidelity_settings(pipeline._with(cfg, **{"pipeline.fidelity.max_ratio": 2.0}))["check"] is True
+    for key, value, msg in (("max_ratio", 0.5, "max_ratio must be a factor > 1"), ("redraws", -1, "redraws must be"),
+                            ("episodes", 0, "episodes must be"), ("check", "yes", "check must be true or false")):
+        with pytest.raises(ValueError, match=f"pipeline.fidelity.{msg}"):
+            pipeline.fidelity_settings(pipeline._with(cfg, **{f"pipeline.fidelity.{key}": value}))
+    with pytest.raises(ValueError, match="redraws needs pipeline.fidelity.max_ratio"):
+        pipeline.fidelity_settings(pipeline._with(cfg, **{"pipeline.fidelity.redraws": 1}))

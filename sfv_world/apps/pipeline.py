@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-STAGES = ("collect", "train", "quality", "agent", "evaluate", "report")
+STAGES = ("collect", "train", "fidelity", "quality", "agent", "evaluate", "report")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -179,6 +179,92 @@ def check_warm_start_seeds(cfg: DictConfig) -> None:
     if seeds > 1 and agent_warm_start(cfg):
         raise ValueError(f"pipeline.agent_warm_start continues one agent, but agent.seeds={seeds} trains several: "
                          "pass pipeline.agent_warm_start=false")
+
+
+# ----------------------------------------------------------------------------------------------
+# the dream-fidelity gate: measure, and redraw a world model whose dream ends episodes unlike the real env
+
+
+def fidelity_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``pipeline.fidelity``: check (bool), max_ratio (float > 1 or None: no gate), redraws (int >= 0),
+    episodes, horizon; validated, with the defaults of ``configs/config.yaml`` where a key is missing."""
+    f = OmegaConf.select(cfg, "pipeline.fidelity", default=None) or {}
+    get = (lambda k, d: OmegaConf.select(f, k, default=d)) if OmegaConf.is_config(f) else f.get
+    out = {"check": get("check", False), "max_ratio": get("max_ratio", None), "redraws": get("redraws", 0),
+           "episodes": get("episodes", 64), "horizon": get("horizon", 100)}
+    if not isinstance(out["check"], bool):
+        raise ValueError(f"pipeline.fidelity.check must be true or false, got {out['check']!r}")
+    if out["max_ratio"] is not None and not (isinstance(out["max_ratio"], (int, float)) and out["max_ratio"] > 1):
+        raise ValueError(f"pipeline.fidelity.max_ratio must be a factor > 1 or null, got {out['max_ratio']!r}")
+    for key in ("redraws", "episodes", "horizon"):
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "redraws" else 1):
+            raise ValueError(f"pipeline.fidelity.{key} must be an integer >= {0 if key == 'redraws' else 1}, got {value!r}")
+    if out["redraws"] and out["max_ratio"] is None:
+        raise ValueError("pipeline.fidelity.redraws needs pipeline.fidelity.max_ratio (the gate a redraw must pass)")
+    out["check"] = out["check"] or out["max_ratio"] is not None
+    return out
+
+
+def draw_cfg(cfg: DictConfig, k: int) -> DictConfig:
+    """Config of the k-th redrawn world model: seed + k, trained into ``<run_dir>/draw<k>`` on the same data."""
+    if k == 0:
+        return cfg
+    rd = Path(cfg.run_dir) / f"draw{k}"
+    return _with(cfg, run_dir=str(rd), dataset=str(cfg.dataset), seed=int(cfg.seed) + k,
+                 checkpoint=str(rd / "checkpoints" / "last.pt"))
+
+
+def stage_fidelity(cfg: DictConfig) -> dict[str, Any]:
+    """Dream against real episode lengths under open-loop policies (``sfv_world.agents.fidelity``), with the
+    agent's termination rule; ``passes`` against ``pipeline.fidelity.max_ratio`` (None when there is no gate)."""
+    from sfv_world.agents import fidelity
+
+    settings = fidelity_settings(cfg)
+    result = fidelity.measure(cfg.checkpoint, cfg.env, dataset=cfg.dataset, episodes=settings["episodes"],
+                              horizon=settings["horizon"], termination=str(cfg.agent.termination),
+                              termination_threshold=float(cfg.agent.termination_threshold), seed=int(cfg.seed),
+                              progress=bool(OmegaConf.select(cfg, "agent.progress", default=True)))
+    result["checkpoint"], result["max_ratio"] = str(cfg.checkpoint), settings["max_ratio"]
+    result["passes"] = None if settings["max_ratio"] is None else fidelity.passes(result, float(settings["max_ratio"]))
+    print(f"[pipeline] dream fidelity of {cfg.checkpoint} (dream / real mean episode length):\n"
+          f"{fidelity.summary(result)}\n[pipeline] worst factor x{np.exp(result['worst']):.2f} ({result['worst_policy']})"
+          + ("" if result["passes"] is None else f": {'passes' if result['passes'] else 'fails'} the gate "
+             f"x{settings['max_ratio']}"), flush=True)
+    return result
+
+
+def fidelity_draws(stages: Stages) -> list[dict[str, Any]]:
+    """The recorded fidelity results of the run's world models, in draw order (``fidelity``, ``fidelity~1``, ...)."""
+    out, k = [], 0
+    while stages.done("fidelity" if k == 0 else f"fidelity~{k}"):
+        out.append(stages.result("fidelity" if k == 0 else f"fidelity~{k}"))
+        k += 1
+    return out
+
+
+def run_fidelity_gate(cfg: DictConfig, stages: Stages, results: dict[str, Any]) -> DictConfig:
+    """Measure the trained world model's dream fidelity; while it fails ``pipeline.fidelity.max_ratio`` and
+    redraws are left, train another one (:func:`draw_cfg`) and measure it. Returns ``cfg`` with
+    ``checkpoint`` set to the draw with the smallest worst factor (the first to pass the gate ends the
+    search); fills ``results["fidelity"]`` (and ``train~k`` / ``fidelity~k``)."""
+    settings = fidelity_settings(cfg)
+    if not settings["check"]:
+        return cfg
+    draws = [stages.run("fidelity", partial(stage_fidelity, cfg))]
+    for k in range(1, settings["redraws"] + 1):
+        if draws[-1]["passes"] is not False:
+            break
+        dcfg = draw_cfg(cfg, k)
+        print(f"[pipeline] the dream fails the fidelity gate: drawing world model {k} (seed {dcfg.seed})", flush=True)
+        results[f"train~{k}"] = stages.run(f"train~{k}", partial(stage_train, dcfg))
+        draws.append(stages.run(f"fidelity~{k}", partial(stage_fidelity, dcfg)))
+    chosen = min(range(len(draws)), key=lambda i: (draws[i]["passes"] is False, draws[i]["worst"]))
+    results["fidelity"] = {"draws": draws, "chosen": chosen, "checkpoint": draws[chosen]["checkpoint"],
+                           "max_ratio": settings["max_ratio"]}
+    if chosen:
+        print(f"[pipeline] using world model {chosen}: {draws[chosen]['checkpoint']}", flush=True)
+    return _with(cfg, checkpoint=draws[chosen]["checkpoint"]) if chosen else cfg
 
 
 def stage_baseline(cfg: DictConfig) -> dict[str, Any]:
@@ -492,7 +578,10 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
     suffix = "" if iterations == 1 else f"@{iterations - 1}"
     with DatasetReader(cfg.dataset) as reader:
         collect = {"episodes": reader.num_episodes, "transitions": reader.num_transitions}
-    train = stages.result("train" + suffix) if stages.done("train" + suffix) else {}
+    draws = fidelity_draws(stages)
+    chosen = next((i for i, d in enumerate(draws) if d.get("checkpoint") == str(cfg.checkpoint)), None)
+    train_stage = "train" + suffix if not chosen or iterations > 1 else f"train~{chosen}"
+    train = stages.result(train_stage) if stages.done(train_stage) else {}
     quality = stages.result("quality") if stages.done("quality") else None
     agent = stages.result("agent" + suffix) if stages.done("agent" + suffix) else {}
     evaluation = stages.result("evaluate") if stages.done("evaluate") else None
@@ -505,7 +594,7 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         frames = (stages.result("collect" + ("" if it == 0 else f"@{it}")) or {}).get("transitions")
         history.append({"iteration": it, "real_frames": frames, "dream_steps": res.get("dream_steps"),
                         "real_return_mean": res.get("real_return_mean")})
-    figs = {"training": plot_training(run_dir, report), "quality": plot_quality(quality, report),
+    figs = {"training": plot_training(Path(cfg.checkpoint).parents[1], report), "quality": plot_quality(quality, report),
             "returns": plot_returns(cfg, evaluation, report)}
     gifs = dream_vs_real(cfg, report)
 
@@ -532,6 +621,11 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         "pipeline_wall_s": round(sum(v for k, v in stages.timings.items() if k != "report"), 1),
         "stage_wall_s": stages.timings,
         "iterations": history,
+        "fidelity": {"chosen": chosen, "draws": [
+            {"checkpoint": d.get("checkpoint"), "worst_factor": round(float(np.exp(d["worst"])), 3),
+             "worst_policy": d.get("worst_policy"), "passes": d.get("passes"),
+             "policies": {k: {"real_mean": v["real_mean"], "dream_mean": v["dream_mean"]}
+                          for k, v in d["policies"].items()}} for d in draws]} if draws else None,
     }
     (report / "agent.json").write_text(json.dumps(agent_json, indent=1, default=_json_default))
     if records_benchmark(cfg):
@@ -572,6 +666,23 @@ def stage_report(cfg: DictConfig, stages: Stages, t_start: float, iterations: in
         for g in gifs:
             lines += [f"![dream vs real, episode {g['episode']}]({g['gif']}) episode {g['episode']}: {g['context']} "
                       f"real frames, then {g['steps']} dreamed steps, mean PSNR {g['psnr_mean']:.1f} dB", ""]
+    if draws:
+        lines += ["## Dream fidelity", "",
+                  f"Mean episode length in the dream against the real env under open-loop policies ({draws[0]['episodes']} "
+                  f"episodes each, horizon {draws[0]['horizon']}, the agent's termination rule). A dream fit for "
+                  f"policy learning ends episodes about when the real env does.", "",
+                  "| world model | policy | real | dream | dream / real | at horizon |", "|---|---|---|---|---|---|"]
+        for i, d in enumerate(draws):
+            tag = f"{i}{' (used)' if i == chosen else ''}"
+            for name, r in d["policies"].items():
+                lines.append(f"| {tag} | {name} | {r['real_mean']:.1f} | {r['dream_mean']:.1f} | "
+                             f"{np.exp(r['log_ratio']):.2f} | {100 * r['dream_at_horizon']:.0f}% |")
+        gate = next((d for d in draws if d.get("passes") is not None), None)
+        if gate is not None:
+            lines += ["", f"Gate: every policy within a factor {fmt(gate.get('max_ratio'))}; "
+                      + ", ".join(f"model {i} {'passed' if d['passes'] else 'failed'} (worst x{np.exp(d['worst']):.2f}, "
+                                  f"{d['worst_policy']})" for i, d in enumerate(draws)) + "."]
+        lines.append("")
     lines += ["## Agents", "",
               f"`{cfg.agent.algo}` with `{cfg.agent.obs_mode}` observations, trained only in the dream "
               f"({fmt(agent_json['dream_steps'])} dream steps, {cfg.agent.n_envs} worlds, horizon {cfg.agent.horizon}); "
@@ -623,7 +734,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     the previous one for N steps on the merged data), ``pipeline.agent_warm_start`` (true: continue the
     previous iteration's agent; false: train a fresh one on the new world model),
     ``pipeline.collector_timesteps`` (with a fresh agent per iteration: the imagined steps of the agents
-    before the last, which only collect data; null: ``agent.total_timesteps``).
+    before the last, which only collect data; null: ``agent.total_timesteps``), ``pipeline.fidelity``
+    (after the first training: ``check`` the dream's episode lengths against the real env's under open-loop
+    policies; ``max_ratio`` gates them, and up to ``redraws`` further world models are trained with seeds
+    seed+1, ... until one passes; the best draw is used: :func:`run_fidelity_gate`).
     """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -639,8 +753,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "collect": stages.run("collect", lambda: stage_collect(cfg)),
         "train": stages.run("train", lambda: stage_train(cfg)),
-        "agent": stages.run("agent", lambda: stage_agent(iteration_cfg(cfg, 0), max_real_frames=max_frames)),
     }
+    cfg = run_fidelity_gate(cfg, stages, results)
+    results["agent"] = stages.run("agent", lambda: stage_agent(iteration_cfg(cfg, 0), max_real_frames=max_frames))
     final = cfg
     for it in range(1, iterations):
         prev, cur = iteration_cfg(cfg, it - 1), iteration_cfg(cfg, it)
