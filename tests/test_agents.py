@@ -576,3 +576,37 @@ def test_merge_keeps_the_view_and_refuses_mixed_views(tmp_path):
     assert spec.view_config() == {"crop": crop, "strips": strips}
     with pytest.raises(ValueError, match=r"merge_datasets: .*plain was cut with crop / strips .*different views"):
         merge_datasets([tmp_path / "a", tmp_path / "plain"], tmp_path / "mixed")
+
+
+def test_dream_fidelity_measures_first_episodes_of_every_world(cartpole):
+    """agents.fidelity: one policy per action plus random; real lengths from seeded resets (always-left
+    CartPole ends within ~8-11 steps); dream lengths are each world's first episode, within the horizon;
+    the gate compares the worst |log ratio| with log(max_ratio)."""
+    import math
+
+    from gymnasium import spaces
+
+    from sfv_world.agents import fidelity
+
+    assert fidelity.policy_names(spaces.Discrete(3)) == ["random", "always_0", "always_1", "always_2"]
+    with pytest.raises(ValueError, match="needs a Discrete action space"):
+        fidelity.policy_names(spaces.Box(-1, 1, (2,)))
+    with pytest.raises(ValueError, match="unknown fidelity policy 'sideways'"):
+        fidelity.policy_actions("sideways", 2, np.random.default_rng(0), 2)
+    real = fidelity.real_lengths(CARTPOLE, "always_0", 5, 200, seed=0)
+    assert real.shape == (5,) and 7 <= real.min() and real.max() <= 12
+    np.testing.assert_array_equal(real, fidelity.real_lengths(CARTPOLE, "always_0", 5, 200, seed=0))
+    assert fidelity.real_lengths(CARTPOLE, "random", 4, 3, seed=0).max() <= 3  # the horizon truncates
+    result = fidelity.measure(cartpole["ckpt"], CARTPOLE, dataset=cartpole["dataset"], episodes=5, horizon=7,
+                              progress=False)
+    assert set(result["policies"]) == {"random", "always_0", "always_1"}
+    for r in result["policies"].values():
+        assert 1 <= r["dream_mean"] <= 7 and 0 <= r["dream_at_horizon"] <= 1
+        assert r["log_ratio"] == pytest.approx(math.log(r["dream_mean"] / r["real_mean"]))
+    worst = max(abs(r["log_ratio"]) for r in result["policies"].values())
+    assert result["worst"] == pytest.approx(worst)
+    gate = {"worst": math.log(2.5)}  # the gate on a worst factor of 2.5
+    assert fidelity.passes(gate, 2.6) and not fidelity.passes(gate, 2.4)
+    with pytest.raises(ValueError, match="max_ratio must be > 1"):
+        fidelity.passes(result, 1.0)
+    assert "always_0" in fidelity.summary(result)
