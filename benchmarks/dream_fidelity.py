@@ -8,6 +8,10 @@ in the real env (from its state, no rendering: the lengths depend only on the dy
 (``DreamSB3VecEnv``, 64 worlds, contexts from the first frames of training episodes, the checkpoint's
 calibrated termination threshold, horizon 200), and reports mean and median episode lengths for each.
 Writes ``benchmarks/results/dream_fidelity.json`` and ``.md``.
+
+The dream's lengths are the first ``--episodes`` episodes to end over its 64 worlds, which favours short
+episodes when they outnumber the worlds (the recorded results were measured so). The pipeline's gate,
+``sfv_world.agents.fidelity``, takes each world's first episode instead.
 """
 
 from __future__ import annotations
