@@ -8,9 +8,10 @@ models whose dreams lasted 95-103 gave 36-74, with the same open-loop prediction
 For a ``Discrete(n)`` action space the policies are ``random`` (uniform) and ``always_<a>`` for each action
 ``a``; each runs ``episodes`` episodes in the real env (from seeded resets, never rendered) and in the
 dream (``DreamSB3VecEnv``: latent observations, contexts from the first frames of training episodes, the
-agent's termination rule; one episode in each of ``episodes`` worlds), both truncated at ``horizon`` steps. The fidelity of a policy is
-``log(dream mean length / real mean length)``; the check's ``worst`` is the largest ``|log ratio|`` over the
-policies, and the dream passes at ``max_ratio`` when ``exp(worst) <= max_ratio``.
+agent's termination rule; one episode in each of ``episodes`` worlds), both truncated at ``horizon``
+steps. The fidelity of a policy is ``log(dream mean length / real mean length)``; the check's ``worst``
+is the largest ``|log ratio|`` over the policies, and the dream passes at ``max_ratio`` when
+``exp(worst) <= max_ratio``.
 """
 
 from __future__ import annotations

@@ -199,8 +199,8 @@ def make_source_env(env_cfg: Any, *, render_mode: str | None = None) -> gym.Env:
     Keys: ``id`` (gymnasium id), ``frame_source`` ("render" | "obs"), ``kwargs`` (passed to
     ``gym.make``), optional ``action_subset`` (list of Discrete actions to keep) and
     ``max_episode_steps``, optional ``crop`` ([top, bottom, left, right] of the raw frame) and ``strips``
-    (column ranges of the crop stacked top to bottom; see :class:`CropFrame`). ALE ids (``ALE/...``) register ale-py's envs; MiniGrid ids register
-    minigrid's and default to the three navigation actions. With ``frame_source="render"`` the env is
+    (column ranges of the crop stacked top to bottom; see :class:`CropFrame`). ALE ids (``ALE/...``)
+    register ale-py's envs; MiniGrid ids register minigrid's and default to the three navigation actions. With ``frame_source="render"`` the env is
     made with ``render_mode="rgb_array"`` unless ``render_mode`` says otherwise.
     """
     env_id = _get(env_cfg, "id")

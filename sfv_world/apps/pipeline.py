@@ -197,9 +197,9 @@ def fidelity_settings(cfg: DictConfig) -> dict[str, Any]:
     if out["max_ratio"] is not None and not (isinstance(out["max_ratio"], (int, float)) and out["max_ratio"] > 1):
         raise ValueError(f"pipeline.fidelity.max_ratio must be a factor > 1 or null, got {out['max_ratio']!r}")
     for key in ("redraws", "episodes", "horizon"):
-        value = out[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "redraws" else 1):
-            raise ValueError(f"pipeline.fidelity.{key} must be an integer >= {0 if key == 'redraws' else 1}, got {value!r}")
+        value, least = out[key], 0 if key == "redraws" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"pipeline.fidelity.{key} must be an integer >= {least}, got {value!r}")
     if out["redraws"] and out["max_ratio"] is None:
         raise ValueError("pipeline.fidelity.redraws needs pipeline.fidelity.max_ratio (the gate a redraw must pass)")
     out["check"] = out["check"] or out["max_ratio"] is not None
