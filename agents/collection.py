@@ -107,16 +107,16 @@ def merge_datasets(sources: list[str | Path], dest: str | Path, overwrite: bool 
     readers = [DatasetReader(s) for s in sources]
     try:
         first = readers[0]
+        crop, strips = dataset_crop(first.metadata), dataset_strips(first.metadata)
         for r in readers[1:]:
             if r.action_space != first.action_space or r.frame_shape != first.frame_shape:
                 raise ValueError(f"merge_datasets: {r.path} ({r.action_space}, {r.frame_shape}) does not match "
                                  f"{first.path} ({first.action_space}, {first.frame_shape})")
-            view, first_view = [(dataset_crop(x.metadata), dataset_strips(x.metadata)) for x in (r, first)]
-            if view != first_view:
+            view = (dataset_crop(r.metadata), dataset_strips(r.metadata))
+            if view != (crop, strips):
                 raise ValueError(f"merge_datasets: {r.path} was cut with crop / strips {view}, {first.path} with "
-                                 f"{first_view}: their frames show different views")
+                                 f"{(crop, strips)}: their frames show different views")
         sfv = first.metadata.get("sfv_world", {})
-        crop, strips = dataset_crop(first.metadata), dataset_strips(first.metadata)
         with EpisodeWriter(dest, action_space=first.action_space, frame_shape=first.frame_shape,
                            env_id=first.env_id, env_spec=first.metadata.get("env_spec"), overwrite=overwrite,
                            info={"merged_from": [str(r.path) for r in readers],
