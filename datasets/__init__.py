@@ -15,6 +15,7 @@ from sfv_world.datasets.format import (
     DatasetReader,
     Episode,
     EpisodeWriter,
+    live_steps,
     partial_path_for,
 )
 from sfv_world.datasets.policies import (
@@ -27,7 +28,7 @@ from sfv_world.datasets.preprocess import area_resize, area_resize_reference, pr
 from sfv_world.datasets.spaces import deserialize_space, serialize_space
 
 __all__ = [
-    "SCHEMA_VERSION", "DatasetError", "DatasetReader", "Episode", "EpisodeWriter", "partial_path_for",
+    "SCHEMA_VERSION", "DatasetError", "DatasetReader", "Episode", "EpisodeWriter", "live_steps", "partial_path_for",
     "BatchPolicy", "CollectStats", "collect", "collect_batched", "get_frame", "Policy", "RandomPolicy",
     "StickyRandomPolicy",
     "SB3EpsilonGreedyPolicy", "area_resize", "area_resize_reference", "preprocess_frame",

@@ -5,6 +5,12 @@ The env is handed in by the caller (``datasets`` never imports ``sfv_world.envs`
 observations themselves (``frame_source="obs"``, uint8 [H, W, C] or [H, W]), and are area-resized to
 ``frame_size`` x ``frame_size`` before they are stored and before the policy sees them.
 
+Terminal tails (``terminal_tail=k``): after an episode terminates, the env steps on for k more steps
+under the same policy, recorded with ``terminations`` True (their rewards are whatever the env returns;
+CartPole gives 0). A world model trained on them sees what follows the end (the pole falling past the
+limit), and its termination head learns those frames are terminal. ``metadata["sfv_world"]
+["terminal_tail"]`` records k; :func:`sfv_world.datasets.format.live_steps` finds the real end.
+
 Reproducibility: episode i is reset with seed ``seed + i`` and the policy is reset with the same seed,
 so the same env, policy and seed give identical arrays.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -76,10 +83,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _check_collect_args(who: str, envs: list[gym.Env], episodes: int | None, max_frames: int | None,
-                        max_episode_steps: int | None, frame_size: int, frame_source: str) -> None:
+                        max_episode_steps: int | None, frame_size: int, frame_source: str,
+                        terminal_tail: int = 0) -> None:
     """Raise ValueError, naming the argument, for arguments :func:`collect` / :func:`collect_batched` cannot use."""
     if episodes is None and max_frames is None:
         raise ValueError(f"{who}: give episodes or max_frames (or both)")
+    if isinstance(terminal_tail, bool) or not isinstance(terminal_tail, (int, np.integer)) or not 0 <= terminal_tail <= 1000:
+        raise ValueError(f"{who}: terminal_tail must be an integer number of steps in 0..1000, got {terminal_tail!r}")
     for name, value in (("episodes", episodes), ("max_frames", max_frames),
                         ("max_episode_steps", max_episode_steps)):
         if value is not None and int(value) < 1:
@@ -95,29 +105,46 @@ def _check_collect_args(who: str, envs: list[gym.Env], episodes: int | None, max
                              f"{where} has render_mode={getattr(env, 'render_mode', None)!r}")
 
 
+def _step_past_end(env: gym.Env, action: Any) -> tuple[Any, float, bool]:
+    """One step of an env that has already terminated (a terminal-tail step): (obs, reward, truncated).
+    Gymnasium's "step() after terminated" warning is expected here and silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obs, reward, _, truncated, _ = env.step(action)
+    return obs, float(reward), bool(truncated)
+
+
 def _run_episode(env: gym.Env, policy: Policy, seed: int, frame_source: FrameSource, frame_size: int,
-                 max_steps: int | None, obs: Any = None) -> dict[str, np.ndarray]:
+                 max_steps: int | None, obs: Any = None, terminal_tail: int = 0) -> dict[str, np.ndarray]:
     """One episode: frames uint8 [T+1, S, S, C], actions [T], rewards, terminations, truncations [T].
 
     ``obs`` is the observation of an env already reset with ``seed`` (else the env is reset here).
+    After a termination the env steps on for up to ``terminal_tail`` more steps (fewer if ``max_steps``
+    or the env's own truncation comes first), each recorded with ``terminations`` True.
     """
     if obs is None:
         obs, _ = env.reset(seed=seed)
     policy.reset(seed=seed)
     frame = preprocess_frame(get_frame(env, obs, frame_source), frame_size)
     frames, actions, rewards, terms, truncs = [frame], [], [], [], []
+    tail_left = None  # steps left in the terminal tail, once terminated
     while True:
         action = policy(frame)
-        obs, reward, terminated, truncated, _ = env.step(action)
+        if tail_left is None:
+            obs, reward, terminated, truncated, _ = env.step(action)
+        else:
+            obs, reward, truncated = _step_past_end(env, action)
+            terminated, tail_left = True, tail_left - 1
         frame = preprocess_frame(get_frame(env, obs, frame_source), frame_size)
         frames.append(frame)
         actions.append(np.asarray(action))
         rewards.append(float(reward))
-        if max_steps is not None and len(actions) >= max_steps:
-            truncated = True
+        capped = max_steps is not None and len(actions) >= max_steps
         terms.append(bool(terminated))
-        truncs.append(bool(truncated) and not terminated)
-        if terminated or truncated:
+        truncs.append(bool(truncated or capped) and not terminated)
+        if terminated and tail_left is None:
+            tail_left = int(terminal_tail)
+        if truncated or capped or (terminated and tail_left == 0):
             break
     return {"observations": np.stack(frames), "actions": np.stack(actions),
             "rewards": np.asarray(rewards, np.float32), "terminations": np.asarray(terms),
@@ -127,17 +154,19 @@ def _run_episode(env: gym.Env, policy: Policy, seed: int, frame_source: FrameSou
 def collect(env: gym.Env, path: str | os.PathLike, policy: Policy, *, episodes: int | None = 100,
             max_frames: int | None = None, frame_size: int = 64, frame_source: FrameSource = "render",
             seed: int = 0, max_episode_steps: int | None = None, env_id: str | None = None,
-            overwrite: bool = False, progress: bool = True,
+            overwrite: bool = False, progress: bool = True, terminal_tail: int = 0,
             info: dict[str, Any] | None = None) -> CollectStats:
     """Record episodes from ``env`` with ``policy`` into a new dataset at ``path``.
 
     Stops after ``episodes`` episodes or ``max_frames`` transitions in total, whichever comes first
     (at least one must be given); an episode cut by ``max_frames`` or ``max_episode_steps`` ends with
-    ``truncations[-1] = True``. Writing is crash-safe (see :class:`EpisodeWriter`).
+    ``truncations[-1] = True``. A terminated episode steps on for ``terminal_tail`` more steps (see the
+    module docstring); they count as transitions. Writing is crash-safe (see :class:`EpisodeWriter`).
 
     Returns a :class:`CollectStats`. ``info`` adds JSON-able facts to ``metadata["sfv_world"]``.
     """
-    _check_collect_args("collect", [env], episodes, max_frames, max_episode_steps, frame_size, frame_source)
+    _check_collect_args("collect", [env], episodes, max_frames, max_episode_steps, frame_size, frame_source,
+                        terminal_tail)
     env_id = env_id or (env.spec.id if env.spec is not None else type(env.unwrapped).__name__)
 
     # the frame shape is known after the first reset, which is episode 0's (ALE reloads its ROM on every
@@ -148,7 +177,7 @@ def collect(env: gym.Env, path: str | os.PathLike, policy: Policy, *, episodes: 
     meta = {"env_id": env_id, "frame_size": int(frame_size), "frame_source": frame_source,
             "seed": int(seed), "policy": _jsonable(policy.describe()),
             "max_episode_steps": max_episode_steps, "preprocessing": "area_resize",
-            **(info or {})}
+            "terminal_tail": int(terminal_tail), **(info or {})}
     stats = CollectStats(path=Path(path))
     budget = max_frames if max_frames is not None else float("inf")
     bar = tqdm(total=max_frames if max_frames is not None else episodes,
@@ -163,7 +192,8 @@ def collect(env: gym.Env, path: str | os.PathLike, policy: Policy, *, episodes: 
             if remaining != float("inf"):
                 cap = int(remaining) if cap is None else min(cap, int(remaining))
             ep_seed = int(seed) + stats.episodes
-            ep = _run_episode(env, policy, ep_seed, frame_source, int(frame_size), cap, first_obs)
+            ep = _run_episode(env, policy, ep_seed, frame_source, int(frame_size), cap, first_obs,
+                              int(terminal_tail))
             first_obs = None
             writer.add_episode(**ep, seed=ep_seed)
             n = len(ep["rewards"])
@@ -216,6 +246,7 @@ class _Running:
     rewards: list[float] = field(default_factory=list)
     terms: list[bool] = field(default_factory=list)
     truncs: list[bool] = field(default_factory=list)
+    tail_left: int | None = None  # steps left in the terminal tail, once terminated
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"observations": np.stack(self.frames), "actions": np.stack(self.actions),
@@ -227,18 +258,21 @@ def collect_batched(envs: list[gym.Env], path: str | os.PathLike, policy: BatchP
                     episodes: int | None = 100, max_frames: int | None = None, frame_size: int = 64,
                     frame_source: FrameSource = "render", seed: int = 0, max_episode_steps: int | None = None,
                     env_id: str | None = None, overwrite: bool = False, progress: bool = True,
-                    info: dict[str, Any] | None = None) -> CollectStats:
+                    terminal_tail: int = 0, info: dict[str, Any] | None = None) -> CollectStats:
     """Record episodes from N copies of an env stepped in lock-step with one batched ``policy``.
 
     Same dataset, arguments and stopping rules as :func:`collect`: episode k (in the order episodes
     *start*) is reset with seed ``seed + k``; a row whose episode ends starts the next one while the
     others continue. Episodes are written in the order they end. ``max_frames`` counts the running
     episodes' transitions too: when it is reached every running episode is cut there and stored with
-    ``truncations[-1] = True``. Results depend on ``len(envs)`` but not on timing.
+    ``truncations[-1] = True``. ``terminal_tail`` as in :func:`collect`: a terminated row steps on (its
+    actions still from ``policy``) before its next episode starts. Results depend on ``len(envs)`` but
+    not on timing.
     """
     if not envs:
         raise ValueError("collect_batched: envs is empty")
-    _check_collect_args("collect_batched", envs, episodes, max_frames, max_episode_steps, frame_size, frame_source)
+    _check_collect_args("collect_batched", envs, episodes, max_frames, max_episode_steps, frame_size, frame_source,
+                        terminal_tail)
     env0 = envs[0]
     env_id = env_id or (env0.spec.id if env0.spec is not None else type(env0.unwrapped).__name__)
     n_envs = len(envs)
@@ -268,7 +302,8 @@ def collect_batched(envs: list[gym.Env], path: str | os.PathLike, policy: BatchP
     policy.start(np.asarray(first_rows, np.int64), first_frames, first_seeds)
     meta = {"env_id": env_id, "frame_size": int(frame_size), "frame_source": frame_source, "seed": int(seed),
             "policy": _jsonable(policy.describe()), "max_episode_steps": max_episode_steps,
-            "preprocessing": "area_resize", "collect_envs": n_envs, **(info or {})}
+            "preprocessing": "area_resize", "collect_envs": n_envs, "terminal_tail": int(terminal_tail),
+            **(info or {})}
     bar = tqdm(total=max_frames if max_frames is not None else episodes,
                unit="frame" if max_frames is not None else "ep", disable=not progress,
                desc=f"collect {env_id} x{n_envs}", dynamic_ncols=True)
@@ -299,7 +334,11 @@ def collect_batched(envs: list[gym.Env], path: str | os.PathLike, policy: BatchP
             ended: list[int] = []
             for i in stepping:
                 ep = running[i]
-                obs, reward, terminated, truncated, _ = envs[i].step(actions[i])
+                if ep.tail_left is None:
+                    obs, reward, terminated, truncated, _ = envs[i].step(actions[i])
+                else:
+                    obs, reward, truncated = _step_past_end(envs[i], actions[i])
+                    terminated, ep.tail_left = True, ep.tail_left - 1
                 frame = preprocess_frame(get_frame(envs[i], obs, frame_source), frame_size)
                 current[i] = frame
                 ep.frames.append(frame)
@@ -309,7 +348,9 @@ def collect_batched(envs: list[gym.Env], path: str | os.PathLike, policy: BatchP
                     truncated = True
                 ep.terms.append(bool(terminated))
                 ep.truncs.append(bool(truncated) and not terminated)
-                if terminated or truncated:
+                if terminated and ep.tail_left is None:
+                    ep.tail_left = int(terminal_tail)
+                if truncated or (terminated and ep.tail_left == 0):
                     ended.append(i)
             if held + len(stepping) >= budget:  # the frame budget is spent: cut every running episode here
                 for i in active:

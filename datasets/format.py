@@ -16,6 +16,11 @@ Each group ``episode_<id>`` holds (T = number of transitions, T >= 1)::
 
 and the attributes Minari writes: ``id``, ``total_steps`` (= T) and, when known, ``seed``.
 
+``terminations[t]`` says the state after step t is terminal. Once True it stays True: an episode
+recorded with a *terminal tail* (``collect(terminal_tail=k)``: the env stepped on for k more steps after
+it terminated, as CartPole's physics allows) ends with a run of True, the first of which is the real
+termination (:func:`live_steps`). ``truncations`` may only be True at the last step.
+
 Minari compatibility: Minari 0.5 keeps ``metadata.json`` *next to* ``main_data.hdf5`` inside ``data/``
 (``MinariStorage.read(<dataset>/data)``, ``minari.load_dataset`` looks for ``<root>/<id>/data``), so we
 do the same; ``minari.MinariDataset("<dataset>/data")`` reads our datasets unchanged. The keys Minari
@@ -158,11 +163,23 @@ def _value_problems(ep: Episode, action_space: spaces.Space) -> tuple[str, str] 
                            f"(first at step {bad[0]}: {ep.actions[bad[0]].tolist()})")
     if not np.all(np.isfinite(ep.rewards)):
         return "rewards", f"non-finite reward at step {int(np.flatnonzero(~np.isfinite(ep.rewards))[0])}"
-    for field in ("terminations", "truncations"):
-        early = np.flatnonzero(getattr(ep, field)[:-1])
-        if early.size:
-            return field, f"episode ends at step {int(early[0])} but continues to step {len(ep) - 1}"
+    term = np.asarray(ep.terminations, bool)
+    revived = np.flatnonzero(term[:-1] & ~term[1:])
+    if revived.size:
+        return "terminations", (f"step {int(revived[0])} is terminal but step {int(revived[0]) + 1} is not "
+                                f"(a terminal tail must run to the episode's end)")
+    early = np.flatnonzero(ep.truncations[:-1])
+    if early.size:
+        return "truncations", f"episode ends at step {int(early[0])} but continues to step {len(ep) - 1}"
     return None
+
+
+def live_steps(terminations: np.ndarray) -> int:
+    """Steps up to and including the real termination: the index of the first True of
+    ``terminations`` (bool [T]) plus one, or T when the episode never terminates. Steps after it are
+    the terminal tail; frames 0 .. live_steps-1 are the states the policy acted in before the end."""
+    term = np.asarray(terminations, bool)
+    return int(np.argmax(term)) + 1 if term.any() else int(term.shape[0])
 
 
 def dataset_id_for(path: Path) -> str:

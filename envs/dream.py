@@ -78,15 +78,24 @@ def load_context_pool(
     Clips come from uniformly drawn episodes of ``episode_ids`` (the train split; all episodes when
     None) and start at a uniformly drawn position (``start="random"``) or at the episode's first frame
     (``start="episode_start"``); they are area-resized to ``frame_size``. Deterministic in ``seed``.
+    A clip never reaches past the real end of its episode: of an episode that terminates after step t
+    (``terminations[t]``, the first True), frames 0 .. t are live; its terminal frame t+1 and a terminal
+    tail's frames are not.
     """
-    from sfv_world.datasets import DatasetReader, area_resize
+    from sfv_world.datasets import DatasetReader, area_resize, live_steps
 
     if context_frames < 1:
         raise ValueError(f"context_frames must be >= 1, got {context_frames}")
     rng = np.random.default_rng(seed)
     with DatasetReader(dataset) as reader:
         ids = [int(e) for e in (reader.episode_ids if episode_ids is None else episode_ids)]
-        ids = [e for e in ids if reader.episode_lengths.get(e, -1) + 1 >= context_frames]
+        # live frames: those before the real end (a terminal tail's frames are not states to start from)
+        live = {}
+        for e in ids:
+            if e in reader.episode_lengths:
+                term = reader.load_episode(e, observations=False).terminations
+                live[e] = live_steps(term) if term.any() else len(term) + 1
+        ids = [e for e in ids if e in live and live[e] >= context_frames]
         if not ids:
             raise ValueError(
                 f"dataset {dataset}: no (train) episode has the {context_frames} frames needed for a dream context clip"
@@ -96,8 +105,7 @@ def load_context_pool(
         for eid in picks:
             if eid not in cached:
                 cached = {eid: reader.load_episode(eid, observations=False).actions}
-            n_frames = reader.episode_lengths[eid] + 1
-            first = 0 if start == "episode_start" else int(rng.integers(0, n_frames - context_frames + 1))
+            first = 0 if start == "episode_start" else int(rng.integers(0, live[eid] - context_frames + 1))
             clip = reader.read_frames(eid, first, first + context_frames)
             if clip.shape[1] != frame_size or clip.shape[2] != frame_size:
                 clip = np.stack([area_resize(f, frame_size) for f in clip])

@@ -43,7 +43,7 @@ from sfv_world.checkpoint import (
     save_checkpoint,
     CHECKPOINT_FORMAT,
 )
-from sfv_world.datasets import ClipDataset, DatasetReader, split_episodes
+from sfv_world.datasets import ClipDataset, DatasetReader, live_steps, split_episodes
 from sfv_world.denoiser import flow_score_matching_loss, score_target
 from sfv_world.model import StarFlowVConfig, WorldModel, nll_to_bits_per_dim
 
@@ -169,7 +169,8 @@ class TransitionSet:
     Built on ``ClipDataset(clip_len=3, pad_start=True)``: window (e, s) holds frames s..s+2 and its
     transition of interest is the last one, s+1 -> s+2 (for s = -1, the episode's first transition,
     frame x_{-1} is padding and the head uses x_0 in its place). ``terminal`` lists the windows whose
-    transition terminates the episode. Batches are drawn by :meth:`sample`, which depends only on
+    transition terminates the episode (the first terminal step; a terminal tail's later steps are not
+    listed). Batches are drawn by :meth:`sample`, which depends only on
     (seed, step): no sampler state to save for an exact resume.
     """
 
@@ -183,7 +184,11 @@ class TransitionSet:
             exclude_action_windows(self.clips, list(exclude_actions))
         index = self.clips.index
         self.windows = np.flatnonzero(index[:, 1] >= -1)  # the last transition is real
-        terminal = [self.clips._steps[int(e)].terminations[int(s) + 1] for e, s in index[self.windows]]
+        # the real end of each episode: its first terminal step (a terminal tail's later steps are drawn
+        # uniformly with the rest, so balancing favours the boundary the dream must find)
+        ends = {int(e): live_steps(self.clips._steps[int(e)].terminations) - 1 for e in np.unique(index[:, 0])}
+        terminal = [bool(self.clips._steps[int(e)].terminations[int(s) + 1]) and int(s) + 1 == ends[int(e)]
+                    for e, s in index[self.windows]]
         self.terminal = self.windows[np.asarray(terminal, dtype=bool)]
 
     def __len__(self) -> int:

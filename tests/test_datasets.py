@@ -164,7 +164,9 @@ def test_writer_waits_for_a_reader_holding_the_file_lock(tmp_path: Path) -> None
     ("actions", np.full(4, 9), r"field .actions.: 4 action\(s\) outside the recorded action space Discrete\(4\) \(first at step 0: 9\)"),
     ("observations", np.zeros((5, 12, 16, 1), np.uint8), "field 'observations'.*shape"),
     ("rewards", np.zeros(3), "field 'observations'.*length"),
-    ("terminations", np.array([1, 0, 0, 1], bool), "field 'terminations'.*ends at step 0"),
+    ("terminations", np.array([1, 0, 0, 1], bool), "field 'terminations': step 0 is terminal but step 1 is not"),
+    ("terminations", np.array([0, 1, 0, 0], bool), "field 'terminations': step 1 is terminal but step 2 is not"),
+    ("truncations", np.array([0, 1, 0, 1], bool), "field 'truncations'.*ends at step 1"),
 ])
 def test_writer_rejects_bad_episode(tmp_path: Path, field, bad, message) -> None:
     ep = make_episode(0, 4, spaces.Discrete(4), np.random.default_rng(0))
@@ -226,7 +228,7 @@ BAD_VALUES = {
                              r"9 action\(s\) outside the recorded action space Discrete\(4\)"),
     "negative action": (lambda f: f["episode_2/actions"].__setitem__(1, -1), 2, "actions", "first at step 1"),
     "early termination": (lambda f: f["episode_3/terminations"].__setitem__(4, True), 3, "terminations",
-                          "ends at step 4"),
+                          "step 4 is terminal but step 5 is not"),
     "non-finite reward": (lambda f: f["episode_0/rewards"].__setitem__(2, np.nan), 0, "rewards", "non-finite"),
 }
 

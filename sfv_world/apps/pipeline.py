@@ -344,7 +344,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
     from sfv_world.agents.evaluation import ObservationSpec
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.agent import agent_dirs
-    from sfv_world.apps.collect import crop_list, strips_list
+    from sfv_world.apps.collect import crop_list, strips_list, terminal_tail_steps
     from sfv_world.datasets import DatasetReader, collect_batched, partial_path_for
     from sfv_world.envs.sources import make_source_env
     from sfv_world.world import WorldRuntime
@@ -377,6 +377,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
                                 frame_size=int(cur.collect.frame_size), frame_source=cur.env.frame_source,
                                 seed=int(cur.seed) + 1000 * it, env_id=cur.env.id, overwrite=overwrite,
                                 progress=bool(OmegaConf.select(cur, "collect.progress", default=True)),
+                                terminal_tail=terminal_tail_steps(cur.collect),
                                 info={"env_name": str(cur.env.name), "collected_by": str(policy_path),
                                       "crop": crop_list(cur.env), "strips": strips_list(cur.env)})
     finally:
