@@ -120,6 +120,9 @@ def merge_datasets(sources: list[str | Path], dest: str | Path, overwrite: bool 
         with EpisodeWriter(dest, action_space=first.action_space, frame_shape=first.frame_shape,
                            env_id=first.env_id, env_spec=first.metadata.get("env_spec"), overwrite=overwrite,
                            info={"merged_from": [str(r.path) for r in readers],
+                                 # each source's collect(terminal_tail=k); the data itself marks every tail
+                                 "merged_terminal_tails": [int(r.metadata.get("sfv_world", {}).get("terminal_tail", 0))
+                                                           for r in readers],
                                  "crop": None if crop is None else list(crop),
                                  "strips": None if strips is None else [list(s) for s in strips],
                                  **{k: v for k, v in sfv.items() if k in ("env_name", "env_kwargs", "frame_source")}}

@@ -557,7 +557,7 @@ def test_batched_imagination_policy_collects_in_lock_step(cartpole, tmp_path):
 
 def test_merge_keeps_the_view_and_refuses_mixed_views(tmp_path):
     """merge_datasets carries the sources' crop and strips into the merged metadata (the later agent
-    evaluations read them there) and refuses sources cut with different views."""
+    evaluations read them there), keeps terminal tails, and refuses sources cut with different views."""
     from sfv_world.agents.collection import merge_datasets
     from sfv_world.datasets import DatasetReader, RandomPolicy, collect
     from sfv_world.envs.sources import make_source_env
@@ -567,11 +567,13 @@ def test_merge_keeps_the_view_and_refuses_mixed_views(tmp_path):
                        ("plain", {"crop": crop, "strips": None})):
         env = make_source_env({**CARTPOLE, **view})
         collect(env, tmp_path / name, RandomPolicy(env.action_space), episodes=1, frame_size=16, seed=1,
-                progress=False, info=view)
+                progress=False, info=view, terminal_tail=3 if name == "b" else 0)
         env.close()
     merged = merge_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
     with DatasetReader(merged) as r:
         assert r.num_episodes == 2
+        assert r.metadata["sfv_world"]["merged_terminal_tails"] == [0, 3]
+        assert r.load_episode(1).terminations[-4:].all()  # the tail is data: it survives the merge
         spec = ObservationSpec.from_meta(r.metadata, 16, "pixels", 1)
     assert spec.view_config() == {"crop": crop, "strips": strips}
     with pytest.raises(ValueError, match=r"merge_datasets: .*plain was cut with crop / strips .*different views"):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -22,6 +23,7 @@ from sfv_world.datasets import (
     area_resize,
     collect,
     collect_batched,
+    live_steps,
     partial_path_for,
 )
 from sfv_world.datasets.format import DATA_DIR, METADATA_FILE
@@ -229,6 +231,81 @@ def test_collect_batched_frame_budget_and_episode_cap(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="frame_size must be >= 1"):
         collect_batched(envs, tmp_path / "x", RandomRows(envs[0].action_space, 4), episodes=1, frame_size=0,
                         frame_source="obs", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_live_steps_finds_the_real_end() -> None:
+    assert live_steps(np.array([0, 0, 1], bool)) == 3
+    assert live_steps(np.array([0, 1, 1, 1], bool)) == 2  # a terminal tail of two more steps
+    assert live_steps(np.array([0, 0, 0], bool)) == 3  # truncated or cut: every step is live
+
+
+def test_terminal_tail_steps_on_after_the_end(tmp_path: Path) -> None:
+    env = CountingEnv()
+    collect(env, tmp_path / "plain", RandomPolicy(env.action_space), episodes=6, frame_size=10, frame_source="obs",
+            seed=3, progress=False)
+    stats = collect(env, tmp_path / "tail", RandomPolicy(env.action_space), episodes=6, frame_size=10,
+                    frame_source="obs", seed=3, progress=False, terminal_tail=3)
+    plain, tail = _arrays(tmp_path / "plain"), _arrays(tmp_path / "tail")
+    assert DatasetReader(tmp_path / "tail").metadata["sfv_world"]["terminal_tail"] == 3
+    assert DatasetReader(tmp_path / "plain").metadata["sfv_world"]["terminal_tail"] == 0
+    assert stats.transitions == sum(len(ep["actions"]) for ep in tail) == sum(len(ep["actions"]) for ep in plain) + 18
+    for p, t in zip(plain, tail, strict=True):
+        n = len(p["actions"])
+        assert live_steps(t["terminations"]) == n and len(t["actions"]) == n + 3
+        # the live part is the plain episode, step for step
+        for field in ("actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(t[field][:n], p[field])
+        np.testing.assert_array_equal(t["observations"][: n + 1], p["observations"])
+        # the tail: the env stepped on (CountingEnv's frames count every step), every step terminal
+        np.testing.assert_array_equal(t["observations"][:, 0, 0, 0], 10 * np.arange(n + 4))
+        assert t["terminations"][n - 1 :].all() and not t["truncations"].any()
+    # a step cap cuts the tail short; the episode still ends terminated, never truncated
+    collect(env, tmp_path / "cap", RandomPolicy(env.action_space), episodes=6, frame_size=10, frame_source="obs",
+            seed=3, progress=False, terminal_tail=50, max_episode_steps=9)
+    for ep in _arrays(tmp_path / "cap"):
+        assert len(ep["actions"]) == 9 and ep["terminations"][-1] and not ep["truncations"].any()
+
+
+def test_terminal_tail_of_cartpole_falls_on_without_reward_or_warning(tmp_path: Path) -> None:
+    env = gym.make("CartPole-v1", render_mode="rgb_array")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gymnasium's "step() after terminated" warning is silenced
+        collect(env, tmp_path / "cp", RandomPolicy(env.action_space), episodes=3, frame_size=16, progress=False,
+                terminal_tail=8)
+    for ep in _arrays(tmp_path / "cp"):
+        n = live_steps(ep["terminations"])
+        assert len(ep["rewards"]) == n + 8
+        assert ep["rewards"][:n].tolist() == [1.0] * n and ep["rewards"][n:].tolist() == [0.0] * 8
+        assert np.abs(np.diff(ep["observations"][n:].astype(np.int16), axis=0)).sum() > 0  # the pole moves on
+
+
+def test_collect_batched_terminal_tail_matches_collect(tmp_path: Path) -> None:
+    env = CountingEnv()
+    collect(env, tmp_path / "seq", RandomPolicy(env.action_space), episodes=7, frame_size=10, frame_source="obs",
+            seed=3, progress=False, terminal_tail=2)
+    envs = [CountingEnv() for _ in range(3)]
+    collect_batched(envs, tmp_path / "bat", RandomRows(envs[0].action_space, 3), episodes=7, frame_size=10,
+                    frame_source="obs", seed=3, progress=False, terminal_tail=2)
+    seq = {ep["seed"]: ep for ep in _arrays(tmp_path / "seq")}
+    bat = _arrays(tmp_path / "bat")
+    assert sorted(ep["seed"] for ep in bat) == sorted(seq)
+    for ep in bat:
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(ep[field], seq[ep["seed"]][field])
+        assert ep["terminations"][-3:].all() and not ep["terminations"][-4]
+    assert DatasetReader(tmp_path / "bat").metadata["sfv_world"]["terminal_tail"] == 2
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "8", 1001])
+def test_terminal_tail_must_be_a_step_count(tmp_path: Path, bad) -> None:
+    env = CountingEnv()
+    with pytest.raises(ValueError, match="collect: terminal_tail must be an integer"):
+        collect(env, tmp_path / "x", RandomPolicy(env.action_space), episodes=1, frame_source="obs", progress=False,
+                terminal_tail=bad)
+    with pytest.raises(ValueError, match="collect_batched: terminal_tail must be an integer"):
+        collect_batched([env], tmp_path / "x", RandomRows(env.action_space, 1), episodes=1, frame_source="obs",
+                        progress=False, terminal_tail=bad)
     assert not (tmp_path / "x").exists()
 
 
@@ -513,6 +590,13 @@ def test_cli_collect_and_inspect(tmp_path: Path, capsys) -> None:
     assert meta["seed"] == 1 and meta["crop"] is None and meta["strips"] is None
     assert main(args + ["collect.overwrite=true", "env=cartpole_strips"]) == 0
     assert DatasetReader(ds).metadata["sfv_world"]["strips"] == [[0, 360], [240, 600]]
+    assert main(args + ["collect.overwrite=true", "collect.terminal_tail=4"]) == 0
+    r = DatasetReader(ds)
+    assert r.metadata["sfv_world"]["terminal_tail"] == 4
+    assert all(r.load_episode(e).terminations[-5:].all() for e in r.episode_ids)
+    with pytest.raises((ValueError, SystemExit), match="collect.terminal_tail must be an integer"):
+        main(args + ["collect.overwrite=true", "collect.terminal_tail=2.5"])
+    assert main(args + ["collect.overwrite=true"]) == 0
     sheet = tmp_path / "sheet.png"
     assert main(["inspect", str(ds), f"inspect.contact_sheet={sheet}", "inspect.samples=5"]) == 0
     out = capsys.readouterr().out

@@ -280,3 +280,28 @@ def test_sampled_terminations_follow_the_head_probability(ckpts):
     assert 3 <= ends_smp <= 40  # 320 steps x ~0.047
     with pytest.raises(ValueError, match="termination must be one of"):
         DreamEnv(checkpoint=ckpt, termination="maybe")
+
+
+def test_context_clips_stay_before_the_real_end(tmp_path):
+    """Random context clips never reach an episode's terminal frame or its terminal tail."""
+    from sfv_world.datasets import DatasetReader, EpisodeWriter, live_steps
+    from sfv_world.envs.dream import load_context_pool
+    from gymnasium import spaces
+
+    rng = np.random.default_rng(0)
+    with EpisodeWriter(tmp_path / "ds", action_space=spaces.Discrete(2), frame_shape=(8, 8, 3)) as w:
+        for e in range(12):
+            live, tail = int(rng.integers(4, 9)), int(rng.integers(0, 4))
+            T = live + tail
+            frames = np.zeros((T + 1, 8, 8, 3), np.uint8)
+            frames[:, 0, 0, 0] = np.arange(T + 1)  # frame index
+            frames[:, 0, 0, 1] = e  # episode
+            terms = np.arange(T) >= live - 1
+            w.add_episode(frames, rng.integers(0, 2, T), np.ones(T), terms, np.zeros(T, bool))
+    reader = DatasetReader(tmp_path / "ds")
+    live = {e: live_steps(reader.load_episode(e, observations=False).terminations) for e in reader.episode_ids}
+    pool = load_context_pool(tmp_path / "ds", None, context_frames=4, frame_size=8, pool_size=256, seed=1)
+    last = pool.frames[:, -1, 0, 0]  # [N, C] of each clip's last frame
+    assert all(int(t) <= live[int(e)] - 1 for t, e in zip(last[:, 0], last[:, 1], strict=True))
+    # every live start is reachable: some clip ends on the last live frame of its episode
+    assert any(int(t) == live[int(e)] - 1 for t, e in zip(last[:, 0], last[:, 1], strict=True))

@@ -331,3 +331,23 @@ def test_training_step_applies_shift_augment(cartpole16, tmp_path, monkeypatch):
                                "train.shift_augment=2"))
     assert len(calls) == 4 and {m for _, m in calls} == {2}  # flow clips and head transitions, 2 steps
     assert all(len(shape) == 5 for shape, _ in calls)  # [B, T, C, H, W] batches
+
+
+def test_transition_set_balances_on_the_real_end_of_a_terminal_tail(tmp_path):
+    import gymnasium as gym
+
+    from sfv_world.datasets import DatasetReader, RandomPolicy, collect, live_steps
+    from sfv_world.train import TransitionSet
+
+    env = gym.make("CartPole-v1", render_mode="rgb_array")
+    collect(env, tmp_path / "tail", RandomPolicy(env.action_space), episodes=5, frame_size=16, progress=False,
+            terminal_tail=4)
+    reader = DatasetReader(tmp_path / "tail")
+    ts = TransitionSet(reader, reader.episode_ids, frame_size=16, memory_budget_gb=1.0)
+    # one balanced window per episode, the one whose transition is the real termination; the tail's terminal
+    # transitions are in the uniform pool
+    ends = {e: live_steps(reader.load_episode(e, observations=False).terminations) - 1 for e in reader.episode_ids}
+    picked = ts.clips.index[ts.terminal]
+    assert sorted((int(e), int(s) + 1) for e, s in picked) == sorted(ends.items())
+    b = ts.batch(ts.windows)
+    assert int(b["terminations"][:, -1].sum()) == 5 * 5  # each episode: the end and its 4-step tail
