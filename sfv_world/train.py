@@ -136,14 +136,15 @@ def batches_forever(loader: DataLoader, sampler: ResumableSampler, batch_size: i
 
 
 def terminal_window_indices(clips: ClipDataset) -> list[int]:
-    """Indices of the windows whose last frame is the last frame of its episode.
+    """Indices of the windows whose last transition is its episode's real end.
 
-    Only these windows hold an episode's final transition (a termination or truncation); in T-frame
-    windows that is ~1 in (episode length - T + 2) windows, so terminal transitions are rare in training.
+    That is the termination (the first terminal step, before any terminal tail) or, for an episode that
+    never terminates, its last transition (a truncation). In T-frame windows that is ~1 in (episode
+    length - T + 2) windows, so terminal transitions are rare in training.
     """
-    lengths = clips.reader.episode_lengths  # transitions per episode
     T = clips.clip_len
-    return [i for i, (eid, start) in enumerate(clips.index.tolist()) if start + T - 1 == lengths[int(eid)]]
+    end = {int(e): live_steps(clips._steps[int(e)].terminations) for e in np.unique(clips.index[:, 0])}
+    return [i for i, (eid, start) in enumerate(clips.index.tolist()) if start + T - 1 == end[int(eid)]]
 
 
 def with_terminal_windows(clips: ClipDataset, copies: int) -> torch.utils.data.Dataset:
@@ -190,6 +191,8 @@ class TransitionSet:
         terminal = [bool(self.clips._steps[int(e)].terminations[int(s) + 1]) and int(s) + 1 == ends[int(e)]
                     for e, s in index[self.windows]]
         self.terminal = self.windows[np.asarray(terminal, dtype=bool)]
+        # bool [len(self)]: the window's transition comes at or before its episode's real end (not in a tail)
+        self.live = np.asarray([int(s) + 1 <= ends[int(e)] for e, s in index[self.windows]], dtype=bool)
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -10,7 +10,7 @@ import pytest
 from sfv_world.apps.cli import compose
 
 
-def tiny_pipeline_cfg(run_dir):
+def tiny_pipeline_cfg(run_dir, *extra):
     return compose([
         "preset=tiny", "device=cpu", f"run_dir={run_dir}", "seed=0", "env=cartpole",
         "collect.episodes=8", "collect.frame_size=32", "collect.progress=false",
@@ -20,15 +20,24 @@ def tiny_pipeline_cfg(run_dir):
         "agent.horizon=8", "agent.frame_stack=2",
         "agent.baseline_steps=32", "agent.baseline_n_envs=2",
         "+agent.algo_kwargs.n_steps=16", "+agent.algo_kwargs.batch_size=32", "+agent.algo_kwargs.n_epochs=1",
+        *extra,
     ])
 
 
 def test_pipeline_runs_every_stage_writes_the_report_and_skips_finished_stages(tmp_path):
     from sfv_world.apps import pipeline
 
-    cfg = tiny_pipeline_cfg(tmp_path)
+    from sfv_world.datasets import DatasetReader
+
+    cfg = tiny_pipeline_cfg(tmp_path, "collect.terminal_tail=3")
     results = pipeline.run(cfg)
     report = tmp_path / "report"
+    with DatasetReader(cfg.dataset) as r:  # terminal tails are collected, and count as real frames
+        assert r.metadata["sfv_world"]["terminal_tail"] == 3
+        assert all(r.load_episode(e).terminations[-4:].all() for e in r.episode_ids)
+    quality = json.loads((report / "quality.json").read_text())
+    assert 0 <= quality["termination_f1_to_end"] <= 1
+    assert quality["termination_positives"] == 4 * quality["termination_positives_to_end"]
     text = (report / "report.md").read_text()
     for fig in ("training_curves.png", "quality_vs_horizon.png", "returns.png", "dream_vs_real_0.gif"):
         assert (report / fig).is_file(), fig

@@ -111,14 +111,17 @@ def strips_list(env_cfg) -> list[list[int]] | None:
     return None if cut is None else [list(s) for s in cut]
 
 
-def terminal_tail_steps(ccfg) -> int:
-    """``collect.terminal_tail`` as an int (0 when absent); a non-integer raises ValueError naming it."""
-    value = OmegaConf.select(ccfg, "terminal_tail", default=0)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"collect.terminal_tail must be an integer number of steps, got {value!r}")
-    return value
+def terminal_tail_steps(cfg) -> int:
+    """Steps to record after a termination: ``collect.terminal_tail``, or where that is null the env
+    config's ``terminal_tail`` (0 when neither is set). A non-integer raises ValueError naming the key."""
+    for key in ("collect.terminal_tail", "env.terminal_tail"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer number of steps, got {value!r}")
+        return value
+    return 0
 
 
 def _run(cfg: DictConfig, request: _StopRequest | None) -> int:
@@ -147,7 +150,7 @@ def _run(cfg: DictConfig, request: _StopRequest | None) -> int:
                 frame_size=int(ccfg.frame_size), frame_source=cfg.env.frame_source, seed=int(cfg.seed),
                 max_episode_steps=None if ccfg.max_episode_steps is None else int(ccfg.max_episode_steps),
                 env_id=cfg.env.id, overwrite=overwrite, progress=bool(ccfg.get("progress", True)),
-                terminal_tail=terminal_tail_steps(ccfg),
+                terminal_tail=terminal_tail_steps(cfg),
                 info={"env_name": cfg.env.name,
                       "env_kwargs": OmegaConf.to_container(cfg.env.kwargs, resolve=True) if cfg.env.kwargs else {},
                       "crop": crop_list(cfg.env), "strips": strips_list(cfg.env)})

@@ -377,7 +377,7 @@ def stage_collect_with_agent(prev: DictConfig, cur: DictConfig, it: int, max_rea
                                 frame_size=int(cur.collect.frame_size), frame_source=cur.env.frame_source,
                                 seed=int(cur.seed) + 1000 * it, env_id=cur.env.id, overwrite=overwrite,
                                 progress=bool(OmegaConf.select(cur, "collect.progress", default=True)),
-                                terminal_tail=terminal_tail_steps(cur.collect),
+                                terminal_tail=terminal_tail_steps(cur),
                                 info={"env_name": str(cur.env.name), "collected_by": str(policy_path),
                                       "crop": crop_list(cur.env), "strips": strips_list(cur.env)})
     finally:

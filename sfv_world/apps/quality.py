@@ -95,7 +95,8 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         nll_rows.append(nll_to_bits_per_dim(out.nll, mcfg).cpu().numpy())  # [B,T]
     # reward/termination: every transition of the test episodes, real frames (teacher-forced), the
     # checkpoint's calibrated termination threshold
-    for hb in TransitionSet(reader, test_ids, mcfg.frame_size, memory_budget_gb=4.0).chunks(256):
+    transitions = TransitionSet(reader, test_ids, mcfg.frame_size, memory_budget_gb=4.0)
+    for hb in transitions.chunks(256):
         r, d = head_logits(model.flow.heads, hb, mcfg.sigma, device, gen)
         term_pred.append((d > 0).cpu().numpy())
         term_true.append(hb["terminations"][:, -1].numpy())
@@ -129,6 +130,9 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         "termination_f1": round(binary_f1(tp, tt), 4),
         "termination_positives": int(tt.sum()),
         "termination_transitions": int(tt.size),
+        # up to each episode's real end: a terminal tail's later steps are easy positives (collect.terminal_tail)
+        "termination_f1_to_end": round(binary_f1(tp[transitions.live], tt[transitions.live]), 4),
+        "termination_positives_to_end": int(tt[transitions.live].sum()),
         "reward_mae": round(float(np.mean(np.abs(rp - rt))), 5),
         "reward_sign_f1": round(reward_sign_f1(rp, rt), 4),
         "train_step": int(payload["step"]),
@@ -150,10 +154,12 @@ def markdown_table(result: dict) -> str:
     for h, c in enumerate(result["psnr_copy_last"]):
         row = " | ".join(f"{result['psnr_model_by_temperature'][t][h]:.2f}" for t in temps)
         lines.append(f"| {h + 1} | {row} | {c:.2f} |")
+    to_end = result.get("termination_f1_to_end")  # absent from results written before terminal tails
     lines += [
         "",
         f"Termination F1 {result['termination_f1']:.3f} ({result['termination_positives']} positives in "
-        f"{result.get('termination_transitions', '?')} test transitions); "
+        f"{result.get('termination_transitions', '?')} test transitions; up to each episode's real end, without "
+        f"a terminal tail's later steps: {'n/a' if to_end is None else f'{to_end:.3f}'}); "
         f"reward MAE {result['reward_mae']:.4f}; held-out NLL per position (bits/dim): "
         + ", ".join(f"{v:.3f}" for v in result["nll_bpd_per_position"]),
     ]
