@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,7 @@ class EvalResult:
 
     returns: np.ndarray  # float64 [N]
     lengths: np.ndarray  # int64 [N]
+    ends: list[Any] | None = None  # describe_end(env) of each episode as it ended (None: still running / not asked)
 
     @property
     def mean(self) -> float:
@@ -140,11 +142,14 @@ def evaluate_real(
     runtime_factory=None,
     deterministic: bool = True,
     max_steps: int = 100_000,
+    describe_end: Callable[[gym.Env], Any] | None = None,
 ) -> EvalResult:
     """Run ``episodes`` real episodes (seeds ``seed + i``) with an SB3 ``policy`` in lock-step.
 
     ``runtime_factory(batch_size) -> WorldRuntime`` is required for ``obs_mode=latent``: every real
     frame is appended to the runtime (``observe``) and the policy sees the resulting features.
+    ``describe_end(env)``, where given, is called on each episode's env as the episode ends (before it is
+    closed) and its results go to ``EvalResult.ends`` (why episodes end: ``benchmarks/real_failures.py``).
     """
     n = int(episodes)
     if n < 1:
@@ -153,6 +158,7 @@ def evaluate_real(
     envs = [make_real_pixel_env(env_cfg, single) for _ in range(n)]
     frames = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])  # [N, h, w, C]
     returns, lengths = np.zeros(n), np.zeros(n, dtype=np.int64)
+    ends: list[Any] | None = [None] * n if describe_end is not None else None
     active = np.ones(n, dtype=bool)
     runtime = None
     if spec.obs_mode == "latent":
@@ -180,6 +186,8 @@ def evaluate_real(
                 lengths[i] += 1
                 if term or trunc:
                     active[i] = False
+                    if ends is not None:
+                        ends[i] = describe_end(envs[i])
             if runtime is not None:
                 obs = runtime.observe(frames, actions).features
             else:
@@ -188,4 +196,4 @@ def evaluate_real(
     finally:
         for env in envs:
             env.close()
-    return EvalResult(returns, lengths)
+    return EvalResult(returns, lengths, ends)

@@ -215,9 +215,13 @@ def test_latent_evaluation_feeds_real_frames_through_the_world_model(cartpole):
         return WorldRuntime.from_checkpoint(cartpole["ckpt"], batch_size=batch, seed=0)
 
     spec = ObservationSpec("latent", 32, 16, 1)
-    res = evaluate_real(Recorder(), CARTPOLE, spec, episodes=2, runtime_factory=factory)
+    res = evaluate_real(Recorder(), CARTPOLE, spec, episodes=2, runtime_factory=factory,
+                        describe_end=lambda env: float(env.unwrapped.state[2]))
     assert calls[0].shape == (2, 64) and calls[0].dtype == np.float32
     assert len(calls) == int(res.lengths.max())
+    # always-left: each episode ends with the pole past 12 degrees, read off the env as it ends
+    assert len(res.ends) == 2 and all(abs(theta) > 12 * np.pi / 180 for theta in res.ends)
+    assert evaluate_real(Recorder(), CARTPOLE, spec, episodes=1, runtime_factory=factory).ends is None
     assert not np.allclose(calls[0], calls[-1])  # the features follow the real frames
     with pytest.raises(ValueError, match="needs runtime_factory"):
         evaluate_real(Recorder(), CARTPOLE, spec, episodes=1)
