@@ -90,27 +90,22 @@ def load_context_pool(
     with DatasetReader(dataset) as reader:
         ids = [int(e) for e in (reader.episode_ids if episode_ids is None else episode_ids)]
         # live frames: those before the real end (a terminal tail's frames are not states to start from)
-        live = {}
-        for e in ids:
-            if e in reader.episode_lengths:
-                term = reader.load_episode(e, observations=False).terminations
-                live[e] = live_steps(term) if term.any() else len(term) + 1
+        steps = {e: reader.load_episode(e, observations=False) for e in ids if e in reader.episode_lengths}
+        live = {e: live_steps(ep.terminations) if ep.terminations.any() else len(ep) + 1 for e, ep in steps.items()}
         ids = [e for e in ids if e in live and live[e] >= context_frames]
         if not ids:
             raise ValueError(
                 f"dataset {dataset}: no (train) episode has the {context_frames} frames needed for a dream context clip"
             )
         picks = sorted(ids[int(j)] for j in rng.integers(0, len(ids), size=pool_size))
-        frames, actions, cached = [], [], {}
+        frames, actions = [], []
         for eid in picks:
-            if eid not in cached:
-                cached = {eid: reader.load_episode(eid, observations=False).actions}
             first = 0 if start == "episode_start" else int(rng.integers(0, live[eid] - context_frames + 1))
             clip = reader.read_frames(eid, first, first + context_frames)
             if clip.shape[1] != frame_size or clip.shape[2] != frame_size:
                 clip = np.stack([area_resize(f, frame_size) for f in clip])
             frames.append(clip)
-            actions.append(cached[eid][first : first + context_frames - 1])
+            actions.append(steps[eid].actions[first : first + context_frames - 1])
     return ContextPool(np.stack(frames).astype(np.uint8), np.stack(actions))
 
 
