@@ -75,6 +75,7 @@ class AgentSettings:
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
     ood_truncate: bool = False  # truncate imagined episodes the world model flags as OOD (sfv_world.envs.ood)
     action_noise: float = 0.0  # probability that the dream executes a uniformly random action instead of the agent's
+    obs_noise: float = 0.0  # latent: Gaussian noise added to the dream's features, in units of each feature's std
     snapshot_every: int | None = None  # save the policy to snapshots/<steps>.zip every this many steps (None: never)
     ensemble_snapshots: int | None = None  # the agent is the ensemble of its last K snapshots (None: the last policy)
     dataset: str | None = None  # dataset folder the dream draws reset context from (None: the checkpoint's)
@@ -99,6 +100,12 @@ class AgentSettings:
             raise ValueError(f"agent: total_timesteps, n_envs, eval_every, eval_episodes must be >= 1: {self}")
         if not 0.0 <= float(self.action_noise) <= 1.0:
             raise ValueError(f"agent.action_noise must be a probability in [0, 1], got {self.action_noise}")
+        if isinstance(self.obs_noise, bool) or not isinstance(self.obs_noise, (int, float)) or not (
+                0.0 <= float(self.obs_noise) < float("inf")):
+            raise ValueError(f"agent.obs_noise must be a finite number >= 0, got {self.obs_noise!r}")
+        if self.obs_noise > 0 and self.obs_mode != "latent":
+            raise ValueError(f"agent.obs_noise={self.obs_noise} perturbs latent features; it needs agent.obs_mode=latent, "
+                             f"got {self.obs_mode!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"agent.seeds must be an integer >= 1, got {self.seeds!r}")
         if self.seeds > 1 and self.ensemble_snapshots is not None:
@@ -169,6 +176,42 @@ class RandomActionVecEnv(VecEnvWrapper):
 
     def reset(self):
         return self.venv.reset()
+
+
+class FeatureNoiseVecEnv(VecEnvWrapper):
+    """Adds Gaussian noise ``N(0, (scale * std)^2)`` to every latent observation the agent sees in the dream.
+
+    Robustness training (``agent.obs_noise``): in the dream the features *are* the world's state, so a
+    policy can rely on differences far below what the features of real frames resolve (the pole angle
+    is read from them with an RMSE of ~2 degrees, ``benchmarks/perception_probe.py``). Noise of a fraction
+    of each feature's spread makes the policy act on what survives it. ``std``: float32 [D], the
+    per-dimension std the policy standardizes with. Observations float32 [N, D] in and out; the
+    ``terminal_observation`` in ``infos`` is perturbed the same way. The real-env evaluation is noise-free.
+    """
+
+    def __init__(self, venv, std: np.ndarray, scale: float, seed: int = 0):
+        super().__init__(venv)
+        self.sigma = (float(scale) * np.asarray(std, np.float32)).astype(np.float32)  # [D]
+        if self.sigma.shape != venv.observation_space.shape:
+            raise ValueError(f"FeatureNoiseVecEnv: std has shape {self.sigma.shape}, observations "
+                             f"{venv.observation_space.shape}")
+        self.rng = np.random.default_rng(seed)
+
+    def _noisy(self, obs: np.ndarray) -> np.ndarray:
+        return (obs + self.rng.standard_normal(obs.shape, dtype=np.float32) * self.sigma).astype(np.float32)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self.venv.step_async(actions)
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        for info in infos:
+            if "terminal_observation" in info:
+                info["terminal_observation"] = self._noisy(info["terminal_observation"])
+        return self._noisy(obs), rewards, dones, infos
+
+    def reset(self):
+        return self._noisy(self.venv.reset())
 
 
 class EvalLog:
@@ -337,12 +380,16 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         mean, std = latent_feature_stats(venv, seed=settings.seed)
         policy_kwargs = {**policy_kwargs, "features_extractor_class": StandardizedFeatures,
                          "features_extractor_kwargs": {"mean": mean.tolist(), "std": std.tolist()}}
+    elif settings.obs_noise > 0:  # resuming: the noise follows the stats the policy was built with
+        std = np.asarray(cls.load(ckpt, device="cpu").policy.features_extractor.std.cpu().numpy(), np.float32)
     if settings.ood_truncate:
         from sfv_world.envs.ood import OODTruncationVecEnv
 
         monitored = VecMonitor(OODTruncationVecEnv(venv))
     else:
         monitored = VecMonitor(venv)
+    if settings.obs_noise > 0:
+        monitored = FeatureNoiseVecEnv(monitored, std, settings.obs_noise, seed=settings.seed)
     if settings.action_noise > 0:
         monitored = RandomActionVecEnv(monitored, settings.action_noise, seed=settings.seed)
     if ckpt.exists():

@@ -165,6 +165,54 @@ def test_action_noise_replaces_a_fraction_of_the_dream_actions():
         small(action_noise=1.5).validate()
 
 
+def test_obs_noise_perturbs_latent_observations_by_the_feature_std():
+    """agent.obs_noise: N(0, (scale * std)^2) on every observation the agent sees, seeded; terminal
+    observations too; only for latent observations."""
+    import gymnasium as gym
+    from sfv_world.agents.imagination import FeatureNoiseVecEnv
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    std = np.array([0.1, 1.0, 10.0, 0.0], np.float32)
+
+    def run(scale, seed):
+        venv = FeatureNoiseVecEnv(DummyVecEnv([lambda: gym.make("CartPole-v1")] * 8), std, scale, seed=seed)
+        venv.seed(3)
+        clean = DummyVecEnv([lambda: gym.make("CartPole-v1")] * 8)
+        clean.seed(3)
+        diffs, terminal = [venv.reset() - clean.reset()], []
+        for _ in range(300):
+            a = np.zeros(8, np.int64)
+            venv.step_async(a)
+            clean.step_async(a)
+            (o, _, d, info), (oc, _, _, infoc) = venv.step_wait(), clean.step_wait()
+            diffs.append(o - oc)
+            terminal += [i["terminal_observation"] - j["terminal_observation"] for i, j, done in zip(info, infoc, d)
+                         if done]
+        return np.concatenate(diffs), np.stack(terminal)
+
+    diffs, terminal = run(0.5, 0)
+    np.testing.assert_allclose(diffs.std(0)[:3], 0.5 * std[:3], rtol=0.1)
+    assert (diffs[:, 3] == 0).all() and np.abs(diffs.mean(0)[:3] / std[:3]).max() < 0.1
+    assert len(terminal) > 20 and (terminal[:, 2] != 0).all()
+    np.testing.assert_array_equal(run(0.5, 0)[0], diffs)
+    assert (run(0.0, 0)[0] == 0).all()
+    with pytest.raises(ValueError, match="agent.obs_noise"):
+        small(obs_noise=-0.1, obs_mode="latent").validate()
+    with pytest.raises(ValueError, match="agent.obs_noise=0.5 .*obs_mode=latent"):
+        small(obs_noise=0.5).validate()
+
+
+def test_ppo_trains_with_obs_noise_in_a_latent_dream(cartpole, tmp_path):
+    """A latent agent trains with agent.obs_noise; a resumed run rebuilds the noise from its policy's stats."""
+    settings = small(obs_mode="latent", obs_noise=0.5, total_timesteps=128, eval_every=128)
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, settings)
+    assert result["settings"]["obs_noise"] == 0.5 and np.isfinite(result["real_return_mean"])
+    (tmp_path / "policy.zip").rename(tmp_path / "first.zip")
+    more = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, small(obs_mode="latent", obs_noise=0.5,
+                                                                             total_timesteps=256, eval_every=128))
+    assert more["dream_steps"] == 256
+
+
 def test_standardized_features() -> None:
     import gymnasium as gym
     import torch
