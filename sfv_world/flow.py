@@ -301,20 +301,28 @@ class FlowBlock(nn.Module):
         return F.softplus(r_a + LOG_E_MINUS_1), r_b
 
     def step(self, s: torch.Tensor, add: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-             cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             cache: KVCache, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inverse-direction pass over n new slots with a KV cache (writes, does not commit).
 
-        s [B, n, d] slot inputs in permuted order; add [B, n, D] | None; cos/sin [n, hd/2].
+        s [B, n, d] slot inputs in permuted order; add [B, n, D] | None; cos/sin [n, hd/2];
+        base [B, n, d] | None: added to the shift b (slot order; see `forward`).
         Returns (a, b) [B, n, d] (>= float32) and h [B, n, D].
         """
         h = self.hidden(s, add, cos, sin, cache.attn_mask(s.shape[1]), False, cache)
         a, b = self.affine(h)
+        if base is not None:
+            b = b + base.to(b.dtype)
         return a, b, h
 
     def forward(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, add: torch.Tensor | None = None,
                 key_valid: torch.Tensor | None = None, sos_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                cache: KVCache | None = None, base: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Data -> noise. u [B, N, d] natural order; cos/sin [N, hd/2] for the N slots.
+
+        base [B, N, d] | None (natural order): a known offset of each slot's shift, b = b_net(h) + base;
+        it must depend only on what precedes the slot (the temporal skip passes the previous frame's
+        tokens), so the block stays autoregressive and its Jacobian is unchanged.
 
         key_valid bool [B, N] | None: False slots are masked keys (start padding).
         cache: if given, the keys/values of all N slots are written into it at [length, length+N) and
@@ -336,6 +344,8 @@ class FlowBlock(nn.Module):
         if cache is not None:
             cache.advance(u.shape[1])
         a, b = self.affine(h)
+        if base is not None:
+            b = b + self.permutation(base).to(b.dtype)
         v = (u_in.to(a.dtype) - b) / a
         logdet = -torch.log(a)
         return self.permutation(v).to(u.dtype), self.permutation(logdet), h

@@ -14,7 +14,7 @@ ln2 * C*H*W and adds nothing; to express it per 0..255 pixel unit add log2(127.5
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -57,20 +57,25 @@ class StarFlowVConfig:
     reward_mode: str
     action_kind: str  # "discrete" | "box" (from the dataset)
     action_dim: int  # number of actions (discrete) or Box dimension
+    # Temporal skip: D's shift b of slot (t, j) is b_net + u_{t-1, j}, the same token of the previous
+    # frame (0 for a sequence start), so D models each token's change and copying costs nothing.
+    # Checkpoints written before this option load with False.
+    temporal_skip: bool = False
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "StarFlowVConfig":
         """Build from a mapping (e.g. a hydra model config plus action_kind/action_dim).
 
-        Unknown or missing keys raise ValueError naming them.
+        Unknown or missing keys raise ValueError naming them (keys with a default may be missing).
         """
         d = {**dict(d), **overrides}
         names = [f.name for f in fields(cls)]
+        required = [f.name for f in fields(cls) if f.default is MISSING]
         unknown = sorted(set(d) - set(names))
-        missing = [n for n in names if n not in d]
+        missing = [n for n in required if n not in d]
         if unknown or missing:
             raise ValueError(f"StarFlowVConfig: unknown keys {unknown}, missing keys {missing}")
-        cfg = cls(**{n: d[n] for n in names})
+        cfg = cls(**{n: d[n] for n in names if n in d})
         cfg.validate()
         return cfg
 
@@ -90,6 +95,8 @@ class StarFlowVConfig:
             raise ValueError(f"action_kind={self.action_kind!r}: expected 'discrete' or 'box'")
         if self.denoiser_lookahead not in (0, 1):
             raise ValueError(f"denoiser_lookahead={self.denoiser_lookahead}: expected 0 or 1")
+        if not isinstance(self.temporal_skip, bool):
+            raise ValueError(f"temporal_skip={self.temporal_skip!r}: expected true or false")
         if self.action_dim < 1 or self.max_frames < 1 or self.shallow_blocks < 0:
             raise ValueError("action_dim and max_frames must be >= 1, shallow_blocks >= 0")
 
@@ -285,6 +292,30 @@ class StarFlowV(nn.Module):
 
     # -- data -> noise ----------------------------------------------------------------------------
 
+    def skip_base(self, u: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Temporal skip offsets of D's shifts for a clip: u [B, T, F, d] -> [B, T*F, d] | None.
+
+        Slot (t, j) gets u[:, t-1, j], the same token of the previous frame; a frame that starts a
+        sequence (t = 0, or after start padding) gets 0. None when the config has no temporal skip.
+        """
+        if not self.config.temporal_skip:
+            return None
+        B, T, F, d = u.shape
+        prev = torch.cat([torch.zeros_like(u[:, :1]), u[:, :-1]], dim=1)  # [B, T, F, d]
+        if frame_mask is not None:
+            prev = torch.where(start_flags(frame_mask)[:, :, None, None], torch.zeros_like(prev), prev)
+        return prev.reshape(B, T * F, d)
+
+    def step_base(self, state: "GenerationState") -> torch.Tensor | None:
+        """Temporal skip offsets for the next frame of `state`: [B, F, d] (0 for rows that start a
+        sequence) | None when the config has no temporal skip."""
+        if not self.config.temporal_skip:
+            return None
+        c = self.config
+        if state.prev_tokens is None:
+            return torch.zeros(state.batch, c.tokens_per_frame, c.token_dim, dtype=self.dtype, device=self.device)
+        return torch.where(state.last_valid[:, None, None], state.prev_tokens, torch.zeros_like(state.prev_tokens))
+
     def _deep_inputs(self, actions, T, drop_actions, frame_mask, B):
         """Deep-block conditioning for a clip: add [B, N, D], key_valid [B, N] | None, sos_mask [B, N] | None."""
         F = self.config.tokens_per_frame
@@ -325,8 +356,11 @@ class StarFlowV(nn.Module):
             tokens, add = torch.cat([tokens, tokens]), torch.cat([add, add_u])
             key_valid = None if key_valid is None else torch.cat([key_valid, key_valid])
             sos_mask = None if sos_mask is None else torch.cat([sos_mask, sos_mask])
+        base = self.skip_base(u, frame_mask)
+        if cfg and base is not None:
+            base = torch.cat([base, base])
         cos, sin = self.rope(first_frame, T)
-        z, logdet_d, h = self.deep(tokens, cos, sin, add, key_valid, sos_mask, cache)
+        z, logdet_d, h = self.deep(tokens, cos, sin, add, key_valid, sos_mask, cache, base)
         z, logdet_d, h = z[:B], logdet_d[:B], h[:B]
 
         z = z.reshape(B, T, F, d)
@@ -509,18 +543,20 @@ class StarFlowV(nn.Module):
             add = torch.cat([add, self.action_embed.step_conditioning(None, has_prev, null=True)])
         add = add[:, None].to(self.dtype)  # [B2, 1, D]
         first = torch.where(has_prev[:, None], state.last_token, self.deep.sos.to(self.dtype))
+        base = self.step_base(state)
         cos, sin = self.rope(state.num_frames, 1)
         cache = state.cache
         cache.set_valid(torch.ones(cache.batch, dtype=torch.bool, device=self.device), F)
         if method == "sequential":
-            inv = invert_sequential(self.deep, cache, first, v, add, cos, sin, state.cfg, cfg_scale)
+            inv = invert_sequential(self.deep, cache, first, v, add, cos, sin, state.cfg, cfg_scale, base)
         else:
             jc = jacobi or JacobiConfig()
             init = None
             if jc.warm_start and state.prev_tokens is not None:
                 init = torch.where(has_prev[:, None, None], state.prev_tokens, v)
             chunk = jc.block_size_first if state.num_frames == 0 else jc.block_size
-            inv = invert_jacobi(self.deep, cache, first, v, add, cos, sin, jc, chunk, init, state.cfg, cfg_scale)
+            inv = invert_jacobi(self.deep, cache, first, v, add, cos, sin, jc, chunk, init, state.cfg, cfg_scale,
+                                base)
         u = inv.u  # [B, F, d] deep-input space (D uses the identity permutation)
         z = (u.to(inv.a.dtype) - inv.b) / inv.a
         x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi)
@@ -575,7 +611,9 @@ class StarFlowV(nn.Module):
         cache = state.cache
         cache.set_valid(torch.ones(cache.batch, dtype=torch.bool, device=self.device), F)
         cos, sin = self.rope(state.num_frames, 1)
-        a, b, h = self.deep.step(s, add[:, None].to(self.dtype), cos, sin, cache)
+        base = self.step_base(state)
+        a, b, h = self.deep.step(s, add[:, None].to(self.dtype), cos, sin, cache,
+                                 None if base is None else (torch.cat([base, base]) if state.cfg else base))
         cache.advance(F)
         a, b, h = a[:B], b[:B], h[:B]
         z = (u.to(a.dtype) - b) / a

@@ -90,12 +90,14 @@ class Inversion:
 
 
 def _affine_step(block: FlowBlock, s: torch.Tensor, add: torch.Tensor | None, cos, sin, cache: KVCache,
-                 cfg: bool, cfg_scale: float):
-    """One cached pass over slots s [B, n, d]. Returns (mu, sigma, a_c, b_c, h_c)."""
+                 cfg: bool, cfg_scale: float, base: torch.Tensor | None = None):
+    """One cached pass over slots s [B, n, d]; base [B, n, d] | None offsets b (both CFG halves: the
+    guided mean is then offset by the same base). Returns (mu, sigma, a_c, b_c, h_c)."""
     B = s.shape[0]
     if cfg:
         s = torch.cat([s, s], dim=0)  # both halves follow the guided trajectory
-    a, b, h = block.step(s, add, cos, sin, cache)
+        base = None if base is None else torch.cat([base, base], dim=0)
+    a, b, h = block.step(s, add, cos, sin, cache, base)
     if not cfg:
         return b, a, a, b, h
     a_c, a_u, b_c, b_u = a[:B], a[B:], b[:B], b[B:]
@@ -104,7 +106,7 @@ def _affine_step(block: FlowBlock, s: torch.Tensor, add: torch.Tensor | None, co
 
 
 def _affine_step_rows(block: FlowBlock, s: torch.Tensor, add: torch.Tensor | None, cos, sin, cache: KVCache,
-                      cfg: bool, cfg_scale: float, rows: torch.Tensor):
+                      cfg: bool, cfg_scale: float, rows: torch.Tensor, base: torch.Tensor | None = None):
     """`_affine_step` for the samples `rows` (int64 [R]) only: s [R, n, d] holds their slot inputs.
 
     Their cache rows ([cond; uncond] halves with CFG) are gathered into a working copy and the n new
@@ -115,7 +117,7 @@ def _affine_step_rows(block: FlowBlock, s: torch.Tensor, add: torch.Tensor | Non
     if add is not None and add.shape[0] > 1:
         add = add[cache_rows]
     sub = cache.gather_rows(cache_rows, s.shape[1])
-    out = _affine_step(block, s, add, cos, sin, sub, cfg, cfg_scale)
+    out = _affine_step(block, s, add, cos, sin, sub, cfg, cfg_scale, base)
     cache.scatter_rows(cache_rows, sub, s.shape[1])
     return out
 
@@ -132,8 +134,10 @@ def _iterating_rows(active: torch.Tensor, compact: float) -> torch.Tensor | None
 
 def invert_sequential(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torch.Tensor,
                       add: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                      cfg: bool = False, cfg_scale: float = 0.0) -> Inversion:
-    """Exact token-by-token inversion with the KV cache (the reference sampler). Commits n slots."""
+                      cfg: bool = False, cfg_scale: float = 0.0, base: torch.Tensor | None = None) -> Inversion:
+    """Exact token-by-token inversion with the KV cache (the reference sampler). Commits n slots.
+
+    base [B, n, d] | None: known offsets of the shifts b (slot order; ``FlowBlock.forward``)."""
     B, n, d = v.shape
     u = torch.empty_like(v)
     a_all = torch.empty(B, n, d, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
@@ -141,7 +145,8 @@ def invert_sequential(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: 
     h_all = None
     s = first[:, None]  # [B, 1, d]
     for j in range(n):
-        mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[j:j + 1], sin[j:j + 1], cache, cfg, cfg_scale)
+        mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[j:j + 1], sin[j:j + 1], cache, cfg, cfg_scale,
+                                              None if base is None else base[:, j:j + 1])
         cache.advance(1)
         u[:, j:j + 1] = (mu + sigma * v[:, j:j + 1]).to(v.dtype)
         a_all[:, j:j + 1], b_all[:, j:j + 1] = a_c, b_c
@@ -156,10 +161,11 @@ def invert_sequential(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: 
 def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torch.Tensor,
                   add: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, config: JacobiConfig,
                   chunk: int, init: torch.Tensor | None = None, cfg: bool = False,
-                  cfg_scale: float = 0.0) -> Inversion:
+                  cfg_scale: float = 0.0, base: torch.Tensor | None = None) -> Inversion:
     """Block Jacobi: Gauss-Seidel over chunks of `chunk` slots, Jacobi iterations inside a chunk.
 
     init [B, n, d] | None: the initial guess (warm start: the previous frame's tokens); default v.
+    base [B, n, d] | None: known offsets of the shifts b (slot order; ``FlowBlock.forward``).
 
     - Exact prefix: after pass k of a chunk its first k+1 slots are exact (slot j only reads
       u_<j), so pass k recomputes only slots [k, m) and commits slot k's cache entry; after m
@@ -182,7 +188,7 @@ def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torc
     start = 0
     while start < n:
         m = min(chunk, n - start)
-        base = cache.length
+        chunk_start = cache.length
         done = torch.zeros(B, dtype=torch.bool, device=v.device)
         for it in range(max(1, config.max_iter)):
             k = it  # slots [start, start+k) are exact and committed
@@ -194,11 +200,12 @@ def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torc
             rows = _iterating_rows(active, config.compact)
             if rows is None:  # every sample (converged ones recompute from their frozen values)
                 r = slice(None)
-                mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[sl], sin[sl], cache, cfg, cfg_scale)
+                mu, sigma, a_c, b_c, h = _affine_step(block, s, add, cos[sl], sin[sl], cache, cfg, cfg_scale,
+                                                      None if base is None else base[:, sl])
             else:  # only the R samples still iterating: [R, m-k, ...]
                 r = rows
                 mu, sigma, a_c, b_c, h = _affine_step_rows(block, s[rows], add, cos[sl], sin[sl], cache, cfg,
-                                                           cfg_scale, rows)
+                                                           cfg_scale, rows, None if base is None else base[rows, sl])
             passes += 1
             old = old[r]
             new = mu + sigma * v[r, sl]  # (>= float32)
@@ -217,7 +224,7 @@ def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torc
             if k == m - 1 or bool(done.all()):
                 break
             cache.advance(1)  # slot start+k is exact: commit its cache entry
-        cache.length = base + m
+        cache.length = chunk_start + m
         start += m
     return Inversion(u, a_all, b_all, h_all, passes, iters)
 

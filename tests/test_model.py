@@ -36,6 +36,37 @@ def test_config_rejects_unknown_and_missing_keys():
         StarFlowVConfig.from_dict(d, action_kind="discrete", action_dim=3, reward_mode="huber")
 
 
+def test_temporal_skip_defaults_off_and_is_checked():
+    """Model configs written before the option (no key) load without the skip; a non-bool is refused."""
+    d = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    d.pop("temporal_skip", None)
+    assert StarFlowVConfig.from_dict(d, action_kind="discrete", action_dim=3).temporal_skip is False
+    with pytest.raises(ValueError, match="temporal_skip='yes'"):
+        StarFlowVConfig.from_dict(d, action_kind="discrete", action_dim=3, temporal_skip="yes")
+
+
+def test_temporal_skip_makes_copying_the_previous_frame_free():
+    """At init (zero output heads, identity shallow blocks) D's noise is u_t - u_{t-1} with the skip, so a
+    clip that repeats its first frame maps every later frame to z = 0; without it z_t = u_t."""
+    torch.manual_seed(0)
+    x, a = random_clip(tiny_config(), T=3)
+    still = x[:, :1].expand(-1, 3, -1, -1, -1).clone()
+    with torch.no_grad():
+        on = StarFlowV(tiny_config(temporal_skip=True)).double()(still, a)
+        off = StarFlowV(tiny_config()).double()(still, a)
+        moving = StarFlowV(tiny_config(temporal_skip=True)).double()(x, a)
+    assert torch.equal(on.z[:, 0], patchify(still, 4)[:, 0])  # a sequence start has nothing to copy
+    assert torch.equal(on.z[:, 1:], torch.zeros_like(on.z[:, 1:]))
+    assert torch.equal(off.z, patchify(still, 4))
+    assert torch.allclose(moving.z[:, 1:], patchify(x[:, 1:] - x[:, :-1], 4), atol=1e-12, rtol=0)
+    # start padding: the first real frame after it is a sequence start again
+    pad = torch.cat([torch.zeros_like(x[:, :1]), x], 1)
+    mask = torch.tensor([[False, True, True, True]] * 2)
+    with torch.no_grad():
+        padded = StarFlowV(tiny_config(temporal_skip=True)).double()(pad, torch.cat([a[:, :1], a], 1), frame_mask=mask)
+    assert torch.allclose(padded.z[:, 1:], moving.z, atol=1e-12, rtol=0)
+
+
 def test_patchify_roundtrip_and_codec():
     x = torch.randn(2, 3, 3, 16, 16)
     t = patchify(x, 4)
@@ -72,8 +103,9 @@ def test_identity_at_init():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("method", ["sequential", "jacobi"])
-def test_whole_model_invertibility(dtype, tol, method):
-    m = random_model(dtype)
+@pytest.mark.parametrize("skip", [False, True])
+def test_whole_model_invertibility(dtype, tol, method, skip):
+    m = random_model(dtype, temporal_skip=skip)
     x, a = random_clip(m.config, dtype=dtype)
     with torch.no_grad():
         out = m.flow(x, a)
@@ -82,9 +114,10 @@ def test_whole_model_invertibility(dtype, tol, method):
     assert (x_rec - x).abs().max() < tol
 
 
-def test_logdet_matches_autograd_slogdet():
+@pytest.mark.parametrize("skip", [False, True])
+def test_logdet_matches_autograd_slogdet(skip):
     """2 frames x 4x4 x 3 channels (96 dims): sum of all logdets = slogdet of the model Jacobian."""
-    cfg = tiny_config(frame_size=4, patch_size=1)
+    cfg = tiny_config(frame_size=4, patch_size=1, temporal_skip=skip)
     torch.manual_seed(0)
     flow = StarFlowV(cfg).double()
     for blk in [*flow.shallow, flow.deep]:
@@ -101,10 +134,11 @@ def test_logdet_matches_autograd_slogdet():
     assert abs(float(out.nll.detach().sum()) - float(ref.detach())) < 1e-8
 
 
-def test_per_frame_nll_is_the_conditional():
+@pytest.mark.parametrize("skip", [False, True])
+def test_per_frame_nll_is_the_conditional(skip):
     """nll[:, t] = -log p(x_t | x_<t, a_<t): it equals the last frame's nll of the prefix clip, and the
     per-frame terms sum to the total."""
-    m = random_model()
+    m = random_model(temporal_skip=skip)
     x, a = random_clip(m.config, T=4)
     with torch.no_grad():
         full = m.flow(x, a).nll
@@ -118,8 +152,9 @@ def test_per_frame_nll_is_the_conditional():
 
 # -- causality ---------------------------------------------------------------------------------------
 
-def test_frame_causality():
-    m = random_model()
+@pytest.mark.parametrize("skip", [False, True])
+def test_frame_causality(skip):
+    m = random_model(temporal_skip=skip)
     x, a = random_clip(m.config, T=4)
     with torch.no_grad():
         out = m.flow(x, a)
@@ -132,8 +167,9 @@ def test_frame_causality():
             assert not torch.equal(out2.z[:, t + 1], out.z[:, t + 1])
 
 
-def test_action_causality():
-    m = random_model()
+@pytest.mark.parametrize("skip", [False, True])
+def test_action_causality(skip):
+    m = random_model(temporal_skip=skip)
     x, a = random_clip(m.config, T=4)
     with torch.no_grad():
         out = m.flow(x, a)
@@ -162,8 +198,9 @@ def test_shallow_locality():
 
 # -- padding, heads, losses --------------------------------------------------------------------------
 
-def test_frame_mask_padding_matches_unpadded():
-    m = random_model()
+@pytest.mark.parametrize("skip", [False, True])
+def test_frame_mask_padding_matches_unpadded(skip):
+    m = random_model(temporal_skip=skip)
     x, a = random_clip(m.config, B=2, T=3)
     g = torch.Generator().manual_seed(5)
     pad_x = torch.cat([torch.randn(2, 2, 3, 16, 16, generator=g, dtype=torch.float64), x], 1)  # 2 garbage frames

@@ -24,8 +24,9 @@ def rollout(m, x, a, vs, actions, method, jc=None, cfg=False, w=0.0):
 
 @pytest.mark.parametrize("cfg,w", [(False, 0.0), (True, 2.0)])
 @pytest.mark.parametrize("warm", [False, True])
-def test_jacobi_tau0_equals_sequential_fp32(cfg, w, warm):
-    m = random_model(torch.float32)
+@pytest.mark.parametrize("skip", [False, True])
+def test_jacobi_tau0_equals_sequential_fp32(cfg, w, warm, skip):
+    m = random_model(torch.float32, temporal_skip=skip)
     x, a = random_clip(m.config, B=3, T=2, dtype=torch.float32)
     vs = noises(3, 2, torch.float32)
     acts = [torch.tensor([0, 1, 2]), torch.tensor([2, 2, 0])]
@@ -135,8 +136,9 @@ def test_sampling_prefix_property(method):
     assert torch.equal(other[:, :2], long[:, :2]) and not torch.equal(other[:, 2], long[:, 2])
 
 
-def test_generated_frame_likelihood_features_and_heads_are_exact():
-    m = random_model()
+@pytest.mark.parametrize("skip", [False, True])
+def test_generated_frame_likelihood_features_and_heads_are_exact(skip):
+    m = random_model(temporal_skip=skip)
     x, a = random_clip(m.config, B=2, T=2)
     (v,) = noises(2, 1, torch.float64)
     act = torch.tensor([1, 2])
@@ -156,8 +158,9 @@ def test_generated_frame_likelihood_features_and_heads_are_exact():
     assert torch.allclose(s.termination_logit, out.termination_logit[:, 1], atol=1e-10, rtol=0)
 
 
-def test_replace_rows_matches_encoding_the_row_alone():
-    m = random_model()
+@pytest.mark.parametrize("skip", [False, True])
+def test_replace_rows_matches_encoding_the_row_alone(skip):
+    m = random_model(temporal_skip=skip)
     x, a = random_clip(m.config, B=3, T=3)
     state, _ = m.flow.encode_context(x, a)
     # row 1 resets to a new 2-frame context, left-padded to the state's 3 frames
@@ -186,9 +189,10 @@ def test_replace_rows_matches_encoding_the_row_alone():
 
 
 @pytest.mark.parametrize("cfg,w", [(False, 0.0), (True, 1.5)])
-def test_pad_frames_equal_explicit_masked_padding(cfg, w):
+@pytest.mark.parametrize("skip", [False, True])
+def test_pad_frames_equal_explicit_masked_padding(cfg, w, skip):
     """encode_context(pad_frames=P) skips the P padding frames yet gives the state of the padded clip."""
-    m = random_model()
+    m = random_model(temporal_skip=skip)
     x, a = random_clip(m.config, B=2, T=2, seed=5)
     P = 3
     pad_x = torch.cat([x[:, :1].expand(2, P, *x.shape[2:]), x], 1)
@@ -219,8 +223,9 @@ def test_replace_rows_rejects_mismatched_states():
         state.replace_rows(torch.tensor([0]), other)
 
 
-def test_window_reencode():
-    m = random_model(max_frames=4)
+@pytest.mark.parametrize("skip", [False, True])
+def test_window_reencode(skip):
+    m = random_model(max_frames=4, temporal_skip=skip)
     x, a = random_clip(m.config, B=2, T=3)
     state, _ = m.flow.encode_context(x, a)
     acts = torch.tensor([1, 0])
@@ -298,9 +303,10 @@ def test_chunk_size_passes_suffice_for_the_exact_inverse():
 
 
 @pytest.mark.parametrize("cfg,w,pad", [(False, 0.0, 0), (True, 1.5, 0), (False, 0.0, 2)])
-def test_append_frame_equals_encoding_the_whole_clip(cfg, w, pad):
+@pytest.mark.parametrize("skip", [False, True])
+def test_append_frame_equals_encoding_the_whole_clip(cfg, w, pad, skip):
     """Teacher forcing one frame at a time (append_frame) = one forward pass over the whole clip."""
-    m = random_model()
+    m = random_model(temporal_skip=skip)
     x, a = random_clip(m.config, B=2, T=4, seed=7)
     whole, out = m.flow.encode_context(x, a, cfg=cfg, pad_frames=pad)
     state, _ = m.flow.encode_context(x[:, :1], a[:, :0], cfg=cfg, pad_frames=pad)
