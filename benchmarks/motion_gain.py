@@ -1,6 +1,6 @@
 """Motion gain on CartPole: how much of the real motion does the dream reproduce, horizon by horizon?
 
-    python benchmarks/motion_gain.py --checkpoint runs/cpu-demo/checkpoints/last.pt \
+    python benchmarks/motion_gain.py --checkpoint runs/a/checkpoints/last.pt [runs/b/checkpoints/last.pt ...] \
         --dataset runs/cpu-demo/data/cartpole [--samplers 'default;method=sequential'] [--name motion_gain]
 
 The dream's pole falls about half as fast as the real one (``dream_fidelity.py``, ``dream_physics.py``).
@@ -128,9 +128,10 @@ def main() -> None:
     from sfv_world.world import WorldRuntime
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--dataset", required=True, help="the checkpoint's CartPole dataset folder")
-    p.add_argument("--samplers", default="default;temperature=0.0;method=sequential",
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="one or more checkpoints trained on --dataset (with one frame size and one split)")
+    p.add_argument("--dataset", required=True, help="the checkpoints' CartPole dataset folder")
+    p.add_argument("--samplers", default="default;temperature=0.0",
                    help="semicolon-separated sampler variants: 'default' (the checkpoint's) or key=value,... overrides")
     p.add_argument("--context", type=int, default=4)
     p.add_argument("--horizon", type=int, default=6)
@@ -141,39 +142,45 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="motion_gain")
     args = p.parse_args()
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
+    for path in args.checkpoint:
+        if not Path(path).is_file():
+            raise SystemExit(f"--checkpoint {path}: no such file")
     if not Path(args.dataset).is_dir():
         raise SystemExit(f"--dataset {args.dataset}: no such folder")
     if args.context < 2 or args.horizon < 1:
         raise SystemExit(f"--context must be >= 2 and --horizon >= 1 (got {args.context}, {args.horizon})")
 
-    payload = load_checkpoint(args.checkpoint, map_location="cpu")
-    meta = payload.get("dataset") or {}
-    frame_size = int(payload["model_config"]["frame_size"])
+    metas = []
+    for path in args.checkpoint:
+        payload = load_checkpoint(path, map_location="cpu")
+        metas.append((int(payload["model_config"]["frame_size"]), payload.get("dataset") or {}))
+    if len({m[0] for m in metas}) > 1 or any(m[1].get("splits") != metas[0][1].get("splits") for m in metas):
+        raise SystemExit("--checkpoint: the checkpoints differ in frame size or dataset split; compare them in "
+                         "separate runs")
+    frame_size, meta = metas[0]
     test_ids, split = held_out_ids(meta, "test")
     train_ids = [int(e) for e in (meta.get("splits") or {}).get("train", [])][: args.probe_episodes]
     if not train_ids:
-        raise SystemExit(f"--checkpoint {args.checkpoint}: its dataset metadata has no train split for the probe")
+        raise SystemExit(f"--checkpoint {args.checkpoint[0]}: its dataset metadata has no train split for the probe")
     probe = fit_probe(args.dataset, train_ids, frame_size)
     print(f"probe held-out R^2: x {probe.r2[0]:.3f}, theta {probe.r2[2]:.3f}", flush=True)
 
     starts = [int(s) for s in args.starts.split(",")]
     rows = []
-    for text in args.samplers.split(";"):
-        runtime = WorldRuntime.from_checkpoint(args.checkpoint, batch_size=1, sampler=parse_sampler(text),
-                                               seed=args.seed)
-        for row in gains(runtime, args.dataset, test_ids[: args.episodes], probe, args.context, args.horizon, starts,
-                         args.batch, args.seed):
-            rows.append({"sampler": text.strip(), **row})
-            print(rows[-1], flush=True)
+    for path in args.checkpoint:
+        for text in args.samplers.split(";"):
+            runtime = WorldRuntime.from_checkpoint(path, batch_size=1, sampler=parse_sampler(text), seed=args.seed)
+            for row in gains(runtime, args.dataset, test_ids[: args.episodes], probe, args.context, args.horizon,
+                             starts, args.batch, args.seed):
+                rows.append({"checkpoint": path, "sampler": text.strip(), **row})
+                print(rows[-1], flush=True)
     write_results(
         args.name, rows, title="Motion gain: the dream's change from the last context frame against the real change",
         config={**vars(args), "split": split, "probe_r2_theta": round(float(probe.r2[2]), 4)},
         compares=(f"open-loop replay of held-out ({split}) windows with the logged actions after {args.context} real "
                   f"frames; gain = least-squares slope of the dreamed change on the real change since the last context "
                   f"frame (1: as far as reality; < 1: the dream lags). theta read by a pixel ridge probe (held-out "
-                  f"R^2 {probe.r2[2]:.3f})."),
+                  f"R^2 {probe.r2[2]:.3f}), divided by the probe's own gain on real frames."),
     )
 
 

@@ -245,10 +245,14 @@ class FlowBlock(nn.Module):
 
     token_dim d, width D; `permutation` acts within frames of `frame_len` tokens. Conditioning (if
     any) is an additive [B, n, D] tensor `add` on the input embedding of each slot.
+
+    skip_gate: the block takes a known offset `base` [B, n, d] of its shifts, gated per slot and
+    dimension by g(h) = soft_clip * tanh(W_g h / soft_clip): b = b_net(h) + g(h) * base. W_g starts at
+    zero, so the block starts as one without the offset.
     """
 
     def __init__(self, token_dim: int, width: int, num_layers: int, head_dim: int, soft_clip: float,
-                 permutation: str, frame_len: int):
+                 permutation: str, frame_len: int, skip_gate: bool = False):
         super().__init__()
         self.token_dim, self.width, self.soft_clip = token_dim, width, soft_clip
         self.permutation = Permutation(permutation, frame_len)
@@ -259,6 +263,10 @@ class FlowBlock(nn.Module):
         self.proj_out = nn.Linear(width, 2 * token_dim)
         nn.init.zeros_(self.proj_out.weight)  # zero head: identity at init
         nn.init.zeros_(self.proj_out.bias)
+        self.proj_out_skip = nn.Linear(width, token_dim) if skip_gate else None
+        if self.proj_out_skip is not None:
+            nn.init.zeros_(self.proj_out_skip.weight)  # gate 0: the offset is off at init
+            nn.init.zeros_(self.proj_out_skip.bias)
 
     @property
     def heads(self) -> int:
@@ -300,19 +308,27 @@ class FlowBlock(nn.Module):
         r_a, r_b = r.chunk(2, dim=-1)
         return F.softplus(r_a + LOG_E_MINUS_1), r_b
 
+    def offset(self, h: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor | float:
+        """The gated offset g(h) * base of the shifts: h [B, n, D], base [B, n, d] (slot order) | None -> 0."""
+        if base is None:
+            return 0.0
+        if self.proj_out_skip is None:
+            raise ValueError("FlowBlock: a shift offset `base` needs a block built with skip_gate=True")
+        g = self.proj_out_skip(h)
+        g = g.to(affine_dtype(g.dtype))
+        return self.soft_clip * torch.tanh(g / self.soft_clip) * base.to(g.dtype)
+
     def step(self, s: torch.Tensor, add: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
              cache: KVCache, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inverse-direction pass over n new slots with a KV cache (writes, does not commit).
 
         s [B, n, d] slot inputs in permuted order; add [B, n, D] | None; cos/sin [n, hd/2];
-        base [B, n, d] | None: added to the shift b (slot order; see `forward`).
+        base [B, n, d] | None: gated offset of the shift b (slot order; see `forward`).
         Returns (a, b) [B, n, d] (>= float32) and h [B, n, D].
         """
         h = self.hidden(s, add, cos, sin, cache.attn_mask(s.shape[1]), False, cache)
         a, b = self.affine(h)
-        if base is not None:
-            b = b + base.to(b.dtype)
-        return a, b, h
+        return a, b + self.offset(h, base), h
 
     def forward(self, u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, add: torch.Tensor | None = None,
                 key_valid: torch.Tensor | None = None, sos_mask: torch.Tensor | None = None,
@@ -320,9 +336,9 @@ class FlowBlock(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Data -> noise. u [B, N, d] natural order; cos/sin [N, hd/2] for the N slots.
 
-        base [B, N, d] | None (natural order): a known offset of each slot's shift, b = b_net(h) + base;
-        it must depend only on what precedes the slot (the temporal skip passes the previous frame's
-        tokens), so the block stays autoregressive and its Jacobian is unchanged.
+        base [B, N, d] | None (natural order): a known offset of each slot's shift, b = b_net(h) +
+        g(h) * base (skip_gate); it must depend only on what precedes the slot (the temporal skip passes
+        the previous frame's tokens), so the block stays autoregressive and its Jacobian is unchanged.
 
         key_valid bool [B, N] | None: False slots are masked keys (start padding).
         cache: if given, the keys/values of all N slots are written into it at [length, length+N) and
@@ -344,8 +360,7 @@ class FlowBlock(nn.Module):
         if cache is not None:
             cache.advance(u.shape[1])
         a, b = self.affine(h)
-        if base is not None:
-            b = b + self.permutation(base).to(b.dtype)
+        b = b + self.offset(h, None if base is None else self.permutation(base))
         v = (u_in.to(a.dtype) - b) / a
         logdet = -torch.log(a)
         return self.permutation(v).to(u.dtype), self.permutation(logdet), h

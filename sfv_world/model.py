@@ -57,9 +57,11 @@ class StarFlowVConfig:
     reward_mode: str
     action_kind: str  # "discrete" | "box" (from the dataset)
     action_dim: int  # number of actions (discrete) or Box dimension
-    # Temporal skip: D's shift b of slot (t, j) is b_net + u_{t-1, j}, the same token of the previous
-    # frame (0 for a sequence start), so D models each token's change and copying costs nothing.
-    # Checkpoints written before this option load with False.
+    # Temporal skip: D's shift b of slot (t, j) is b_net + g * u_{t-1, j}, with u_{t-1, j} the same
+    # token of the previous frame (0 for a sequence start) and g a learned gate per dimension (0 at
+    # init), so copying what persists costs no capacity. An ungated skip (g = 1) also copies the previous
+    # frame's sigma-noise, which D must then learn to cancel: it trained worse. Checkpoints written
+    # before this option load with False.
     temporal_skip: bool = False
 
     @classmethod
@@ -254,7 +256,8 @@ class StarFlowV(nn.Module):
                       "flip_in_frame" if (c.shallow_blocks - 1 - i) % 2 == 0 else "identity", F)
             for i in range(c.shallow_blocks)
         ])
-        self.deep = FlowBlock(d, c.deep_width, c.deep_layers, c.head_dim, c.soft_clip, "identity", F)
+        self.deep = FlowBlock(d, c.deep_width, c.deep_layers, c.head_dim, c.soft_clip, "identity", F,
+                              skip_gate=c.temporal_skip)
         self.action_embed = ActionEmbedding(c.action_kind, c.action_dim, c.deep_width)
         self.heads = RewardTerminationHead(c.channels, c.frame_size, c.action_kind, c.action_dim, c.reward_mode)
 
@@ -293,7 +296,7 @@ class StarFlowV(nn.Module):
     # -- data -> noise ----------------------------------------------------------------------------
 
     def skip_base(self, u: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Temporal skip offsets of D's shifts for a clip: u [B, T, F, d] -> [B, T*F, d] | None.
+        """Temporal skip offsets (before D's gate) for a clip: u [B, T, F, d] -> [B, T*F, d] | None.
 
         Slot (t, j) gets u[:, t-1, j], the same token of the previous frame; a frame that starts a
         sequence (t = 0, or after start padding) gets 0. None when the config has no temporal skip.

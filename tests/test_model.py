@@ -46,24 +46,28 @@ def test_temporal_skip_defaults_off_and_is_checked():
 
 
 def test_temporal_skip_makes_copying_the_previous_frame_free():
-    """At init (zero output heads, identity shallow blocks) D's noise is u_t - u_{t-1} with the skip, so a
-    clip that repeats its first frame maps every later frame to z = 0; without it z_t = u_t."""
+    """Zero output heads and identity shallow blocks, the skip's gate set to 1: D's noise is u_t - u_{t-1},
+    so a clip that repeats its first frame maps every later frame to z = 0; without the skip, and with
+    the gate at its initial 0, z_t = u_t."""
     torch.manual_seed(0)
     x, a = random_clip(tiny_config(), T=3)
     still = x[:, :1].expand(-1, 3, -1, -1, -1).clone()
+    skip = StarFlowV(tiny_config(temporal_skip=True)).double()
     with torch.no_grad():
-        on = StarFlowV(tiny_config(temporal_skip=True)).double()(still, a)
+        assert torch.equal(skip(still, a).z, patchify(still, 4))  # gate 0 at init: no offset yet
+        skip.deep.proj_out_skip.bias.fill_(skip.config.soft_clip * math.atanh(1.0 / skip.config.soft_clip))
+        on = skip(still, a)
         off = StarFlowV(tiny_config()).double()(still, a)
-        moving = StarFlowV(tiny_config(temporal_skip=True)).double()(x, a)
-    assert torch.equal(on.z[:, 0], patchify(still, 4)[:, 0])  # a sequence start has nothing to copy
-    assert torch.equal(on.z[:, 1:], torch.zeros_like(on.z[:, 1:]))
+        moving = skip(x, a)
+    assert torch.allclose(on.z[:, 0], patchify(still, 4)[:, 0], atol=1e-12, rtol=0)  # a sequence start: no copy
+    assert on.z[:, 1:].abs().max() < 1e-12
     assert torch.equal(off.z, patchify(still, 4))
     assert torch.allclose(moving.z[:, 1:], patchify(x[:, 1:] - x[:, :-1], 4), atol=1e-12, rtol=0)
     # start padding: the first real frame after it is a sequence start again
     pad = torch.cat([torch.zeros_like(x[:, :1]), x], 1)
     mask = torch.tensor([[False, True, True, True]] * 2)
     with torch.no_grad():
-        padded = StarFlowV(tiny_config(temporal_skip=True)).double()(pad, torch.cat([a[:, :1], a], 1), frame_mask=mask)
+        padded = skip(pad, torch.cat([a[:, :1], a], 1), frame_mask=mask)
     assert torch.allclose(padded.z[:, 1:], moving.z, atol=1e-12, rtol=0)
 
 

@@ -34,8 +34,9 @@ def test_jacobi_tau0_equals_sequential_fp32(cfg, w, warm, skip):
     seq = rollout(m, x, a, vs, acts, "sequential", cfg=cfg, w=w)
     jac = rollout(m, x, a, vs, acts, "jacobi", jc, cfg=cfg, w=w)
     for s, j in zip(seq, jac):
-        # 1e-6 relative to the frame's scale: |x| reaches ~8 here, where one fp32 ulp is 5e-7
-        assert (s.x_tilde - j.x_tilde).abs().max() / s.x_tilde.abs().max().clamp(min=1) < 1e-6
+        # relative to the frame's scale: |x| reaches ~8 here (~12 with the skip's random gate), where one
+        # fp32 ulp is 5e-7 (1e-6); the two solvers' different summation orders add a few ulps
+        assert (s.x_tilde - j.x_tilde).abs().max() / s.x_tilde.abs().max().clamp(min=1) < 2e-6
         assert (s.nll - j.nll).abs().max() < 1e-3  # nats over 768 dims in fp32
         assert (s.features - j.features).abs().max() < 1e-5
         assert s.passes == F and j.passes <= 2 * 9
