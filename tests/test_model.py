@@ -23,7 +23,7 @@ def test_configs_build(name):
     cfg = StarFlowVConfig.from_dict(d, action_kind="discrete", action_dim=4)
     assert cfg.to_dict()["action_dim"] == 4
     if name == "cpu-demo":
-        assert (cfg.tokens_per_frame, cfg.token_dim) == (16, 192)
+        assert (cfg.tokens_per_frame, cfg.token_dim, cfg.temporal_skip) == (16, 432, True)
 
 
 def test_config_rejects_unknown_and_missing_keys():
