@@ -91,8 +91,8 @@ class Inversion:
 
 def _affine_step(block: FlowBlock, s: torch.Tensor, add: torch.Tensor | None, cos, sin, cache: KVCache,
                  cfg: bool, cfg_scale: float, base: torch.Tensor | None = None):
-    """One cached pass over slots s [B, n, d]; base [B, n, d] | None offsets b (both CFG halves: the
-    guided mean is then offset by the same base). Returns (mu, sigma, a_c, b_c, h_c)."""
+    """One cached pass over slots s [B, n, d]; base [B, n, d] | None: the shifts' offset (``FlowBlock``),
+    given to both CFG halves, each gating it with its own g(h). Returns (mu, sigma, a_c, b_c, h_c)."""
     B = s.shape[0]
     if cfg:
         s = torch.cat([s, s], dim=0)  # both halves follow the guided trajectory

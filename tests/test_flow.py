@@ -146,3 +146,24 @@ def test_guidance_rule():
     mean = ((1 + w) * mc / sc**2 - w * mu_ / su**2) / prec
     m, s = guidance(torch.tensor(mc), torch.tensor(sc), torch.tensor(mu_), torch.tensor(su), w)
     assert math.isclose(float(m), mean, rel_tol=1e-6) and math.isclose(float(s), prec**-0.5, rel_tol=1e-6)
+
+
+def test_shift_offset_is_gated_and_needs_the_gate():
+    """b = b_net(h) + g(h) * base: with the gate at 0 (init) the offset changes nothing; with g = 1 the noise
+    is shifted by exactly -base / a; a block built without the gate refuses an offset."""
+    F, d, D = 4, 6, 32
+    blk = FlowBlock(d, D, 1, 32, 4.0, "identity", F, skip_gate=True).double()
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, F, d, generator=g, dtype=torch.float64)
+    base = torch.randn(2, F, d, generator=g, dtype=torch.float64)
+    cos, sin = rope_cos_sin(token_positions(2, 2, torch.zeros(1, dtype=torch.float64)), 32)
+    with torch.no_grad():
+        v0, ld0, _ = blk(u, cos, sin)
+        assert torch.equal(blk(u, cos, sin, base=base)[0], v0)
+        blk.proj_out_skip.bias.fill_(4.0 * math.atanh(0.25))  # g = 1
+        v1, ld1, _ = blk(u, cos, sin, base=base)
+    a = torch.exp(-ld0)
+    assert torch.allclose(v1, v0 - base / a, atol=1e-12, rtol=0) and torch.equal(ld1, ld0)
+    plain = FlowBlock(d, D, 1, 32, 4.0, "identity", F).double()
+    with pytest.raises(ValueError, match="skip_gate=True"):
+        plain(u, cos, sin, base=base)
