@@ -58,6 +58,19 @@ class StateProbe:
         return (frames.reshape(len(frames), -1).astype(np.float64) / 255.0 - self.mean) @ self.weights
 
 
+def fit_probe(reader, episode_ids: list[int], frame_size: int) -> StateProbe:
+    """The probe on the real frames of ``episode_ids`` (an open ``DatasetReader``) at ``frame_size``, with
+    their true states by replay."""
+    import gymnasium as gym
+    from sfv_world.datasets import ClipDataset
+
+    clips = ClipDataset(reader, episode_ids, clip_len=2, frame_size=frame_size, pad_start=False)
+    env = gym.make("CartPole-v1")
+    frames = [clips.episode_frames(e) for e in episode_ids]
+    states = [true_states(env, reader.load_episode(e, observations=False)) for e in episode_ids]
+    return StateProbe(np.concatenate(frames), np.concatenate(states))
+
+
 def policy_actions(policy: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if policy == "always_0":
         return np.zeros(n, np.int64)
@@ -137,7 +150,7 @@ def dream_run(checkpoint: str, dataset: str, probe: StateProbe, policy: str, num
 
 def main() -> None:
     import gymnasium as gym
-    from sfv_world.datasets import ClipDataset, DatasetReader
+    from sfv_world.datasets import DatasetReader
 
     from sfv_world.checkpoint import load_checkpoint
 
@@ -165,13 +178,8 @@ def main() -> None:
     if reader.env_id != "CartPole-v1":
         raise SystemExit(f"--dataset {args.dataset}: env_id is {reader.env_id!r}; the state probe needs CartPole-v1")
     ids = [int(e) for e in reader.episode_ids][: args.probe_episodes]  # None: all
-    clips = ClipDataset(reader, ids, clip_len=2, frame_size=frame_size, pad_start=False)
+    probe = fit_probe(reader, ids, frame_size)
     env = gym.make("CartPole-v1")
-    frames, states = [], []
-    for e in ids:
-        frames.append(clips.episode_frames(e))
-        states.append(true_states(env, reader.load_episode(e, observations=False)))
-    probe = StateProbe(np.concatenate(frames), np.concatenate(states))
     print(f"probe held-out R^2: x {probe.r2[0]:.3f}, theta {probe.r2[2]:.3f}", flush=True)
 
     rows = []

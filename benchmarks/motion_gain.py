@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
-from dream_physics import StateProbe, parse_sampler, true_states
+from dream_physics import StateProbe, fit_probe, parse_sampler, true_states
 
 
 def slope(pred: np.ndarray, real: np.ndarray, valid: np.ndarray) -> float:
@@ -42,19 +42,14 @@ def slope(pred: np.ndarray, real: np.ndarray, valid: np.ndarray) -> float:
     return float((p * r).sum() / den) if den > 0 else float("nan")
 
 
-def fit_probe(dataset: str, episode_ids: list[int], frame_size: int) -> StateProbe:
-    """The pixel -> CartPole state ridge probe, on real frames of ``episode_ids`` at ``frame_size``."""
-    import gymnasium as gym
-    from sfv_world.datasets import ClipDataset, DatasetReader
+def cartpole_probe(dataset: str, episode_ids: list[int], frame_size: int) -> StateProbe:
+    """``dream_physics.fit_probe`` on a CartPole-v1 dataset folder."""
+    from sfv_world.datasets import DatasetReader
 
     with DatasetReader(dataset) as reader:
         if reader.env_id != "CartPole-v1":
             raise SystemExit(f"--dataset {dataset}: env_id is {reader.env_id!r}; the state probe needs CartPole-v1")
-        clips = ClipDataset(reader, episode_ids, clip_len=2, frame_size=frame_size, pad_start=False)
-        env = gym.make("CartPole-v1")
-        frames = [clips.episode_frames(e) for e in episode_ids]
-        states = [true_states(env, reader.load_episode(e, observations=False)) for e in episode_ids]
-    return StateProbe(np.concatenate(frames), np.concatenate(states))
+        return fit_probe(reader, episode_ids, frame_size)
 
 
 def gains(runtime, dataset: str, ids: list[int], probe: StateProbe, context: int, horizon: int, starts: list[int],
@@ -162,7 +157,7 @@ def main() -> None:
     train_ids = [int(e) for e in (meta.get("splits") or {}).get("train", [])][: args.probe_episodes]
     if not train_ids:
         raise SystemExit(f"--checkpoint {args.checkpoint[0]}: its dataset metadata has no train split for the probe")
-    probe = fit_probe(args.dataset, train_ids, frame_size)
+    probe = cartpole_probe(args.dataset, train_ids, frame_size)
     print(f"probe held-out R^2: x {probe.r2[0]:.3f}, theta {probe.r2[2]:.3f}", flush=True)
 
     starts = [int(s) for s in args.starts.split(",")]
