@@ -72,6 +72,48 @@ def test_cli_help_runs() -> None:
         assert command in out.stdout
 
 
+@pytest.mark.parametrize("command, preset, expected", [
+    ("collect", None, "dummy"),          # off-screen commands render through SDL's dummy driver
+    ("collect", "x11", "x11"),           # ... unless the user chose a driver
+    ("play", None, None),                # play opens a real window: left alone
+])
+def test_cli_sets_the_offscreen_video_driver(monkeypatch, command, preset, expected) -> None:
+    import os
+
+    from sfv_world.apps import cli
+
+    monkeypatch.setenv("SDL_VIDEODRIVER", "restored-after-the-test")  # so the teardown undoes what main sets
+    if preset is None:
+        monkeypatch.delenv("SDL_VIDEODRIVER")
+    else:
+        monkeypatch.setenv("SDL_VIDEODRIVER", preset)
+    seen = []
+    monkeypatch.setattr(cli, "resolve_command", lambda name: lambda cfg: seen.append(os.environ.get("SDL_VIDEODRIVER")))
+    assert cli.main([command]) == 0
+    assert seen == [expected]
+
+
+def test_run_module_sets_the_offscreen_video_driver_except_for_play(monkeypatch) -> None:
+    import os
+
+    from sfv_world.apps import cli
+
+    def train_run(cfg):
+        seen.append(os.environ.get("SDL_VIDEODRIVER"))
+
+    def play_run(cfg):
+        seen.append(os.environ.get("SDL_VIDEODRIVER"))
+
+    train_run.__module__ = "sfv_world.apps.train"
+    play_run.__module__ = "sfv_world.apps.play"
+    seen: list = []
+    monkeypatch.setenv("SDL_VIDEODRIVER", "restored-after-the-test")
+    monkeypatch.delenv("SDL_VIDEODRIVER")
+    cli.run_module(play_run, [])
+    cli.run_module(train_run, [])
+    assert seen == [None, "dummy"]
+
+
 def test_wheel_contains_every_mapped_package_and_the_configs(tmp_path: Path) -> None:
     """Build a wheel from a copy of the tree: the mapped folders and the yaml configs must be inside."""
     import zipfile

@@ -7,6 +7,7 @@ Every command composes the same hydra config tree (``sfv_world.configs``) and re
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -76,8 +77,25 @@ def split_args(command: str, args: list[str]) -> tuple[list[str], bool]:
     return overrides, print_cfg
 
 
+# Commands that open a window; every other one renders only off-screen (rgb_array).
+WINDOWED_COMMANDS = ("play",)
+
+
+def render_offscreen() -> None:
+    """Point SDL at its dummy video driver unless the user chose one (``SDL_VIDEODRIVER``).
+
+    gymnasium's classic-control envs call ``pygame.display.init()`` even for ``render_mode="rgb_array"``;
+    on a machine without a display server SDL then prints ``error: XDG_RUNTIME_DIR is invalid`` at every
+    real-env evaluation. Off-screen rendering needs no display, so the commands that never open a window
+    (all but ``play``) render through the dummy driver. Frames are identical.
+    """
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+
 def run_module(run, argv: list[str] | None = None) -> int:
     """``python -m sfv_world.apps.<command> [overrides]`` (e.g. under torchrun): ``run(compose(argv))``."""
+    if run.__module__.rsplit(".", 1)[-1] not in WINDOWED_COMMANDS:
+        render_offscreen()
     run(compose(list(sys.argv[1:] if argv is None else argv)))
     return 0
 
@@ -95,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if print_cfg:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    if command not in WINDOWED_COMMANDS:
+        render_offscreen()
     fn = resolve_command(command)
     result = fn(cfg)
     return int(result) if isinstance(result, int) else 0
