@@ -76,6 +76,7 @@ class AgentSettings:
     ood_truncate: bool = False  # truncate imagined episodes the world model flags as OOD (sfv_world.envs.ood)
     action_noise: float = 0.0  # probability that the dream executes a uniformly random action instead of the agent's
     obs_noise: float = 0.0  # latent: Gaussian noise added to the dream's features, in units of each feature's std
+    time_scale: float = 1.0  # dream frames per agent step, on average (>= 1; see DreamCore: 1 / the dream's motion gain)
     snapshot_every: int | None = None  # save the policy to snapshots/<steps>.zip every this many steps (None: never)
     ensemble_snapshots: int | None = None  # the agent is the ensemble of its last K snapshots (None: the last policy)
     dataset: str | None = None  # dataset folder the dream draws reset context from (None: the checkpoint's)
@@ -106,6 +107,10 @@ class AgentSettings:
         if self.obs_noise > 0 and self.obs_mode != "latent":
             raise ValueError(f"agent.obs_noise={self.obs_noise} perturbs latent features; it needs agent.obs_mode=latent, "
                              f"got {self.obs_mode!r}")
+        if isinstance(self.time_scale, bool) or not isinstance(self.time_scale, (int, float)) or not (
+                1.0 <= float(self.time_scale) < 16):
+            raise ValueError(f"agent.time_scale must be a number in [1, 16) (dream frames per agent step), got "
+                             f"{self.time_scale!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"agent.seeds must be an integer >= 1, got {self.seeds!r}")
         if self.seeds > 1 and self.ensemble_snapshots is not None:
@@ -367,7 +372,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
         context_window=settings.context_window, dataset=settings.dataset,
         termination=settings.termination, termination_threshold=settings.termination_threshold,
         sampler=settings.sampler or None,
-        device=settings.device,
+        device=settings.device, time_scale=settings.time_scale,
     )
     venv.seed(settings.seed)
     runtime = venv.runtime

@@ -178,6 +178,12 @@ class DreamCore:
         pool_size: context clips read from the dataset once, at construction.
         context_start: ``"random"`` (clips start anywhere in an episode) or ``"episode_start"`` (clips
             are the first frames of episodes: the real env's initial-state distribution).
+        time_scale: dream frames per step, on average (>= 1; default 1). A world model whose motion lags
+            the real one (``benchmarks/motion_gain.py``: gain g < 1) runs at the real speed with
+            time_scale = 1/g: each step advances floor(s) frames, or one more with probability
+            s - floor(s) (drawn once per step for the whole batch, from the seeded env RNG), under the
+            same action. The step's reward is the mean over its frames (a rate per real step), it
+            terminates if any of its frames does, and log_likelihood is its last frame's.
     """
 
     def __init__(
@@ -201,6 +207,7 @@ class DreamCore:
         pool_size: int = 512,
         context_start: str = "random",
         ood_score: str | None = None,
+        time_scale: float = 1.0,
     ):
         from sfv_world.datasets.spaces import deserialize_space
 
@@ -218,6 +225,8 @@ class DreamCore:
             raise ValueError(f"context_frames must be >= 1, got {context_frames}")
         if not 0.0 < float(termination_threshold) < 1.0:
             raise ValueError(f"termination_threshold must be in (0, 1), got {termination_threshold}")
+        if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) or not 1.0 <= float(time_scale) < 16:
+            raise ValueError(f"time_scale must be a number in [1, 16) (dream frames per step), got {time_scale!r}")
         if runtime is None:
             if checkpoint is None:
                 raise ValueError("DreamEnv needs checkpoint=<path to a .pt file> (or runtime=...)")
@@ -240,6 +249,7 @@ class DreamCore:
         if termination not in TERMINATIONS:
             raise ValueError(f"termination must be one of {TERMINATIONS}, got {termination!r}")
         self.termination = termination
+        self.time_scale = float(time_scale)
 
         meta = runtime.dataset_meta
         self.action_space = deserialize_space(meta["action_space"])
@@ -373,27 +383,48 @@ class DreamCore:
             **self.ood.reset_rows(rows, out.log_likelihood, ctx),
         }
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Advance every world by one frame (one batched model call; ``actions`` already validated).
+    def frames_this_step(self) -> int:
+        """Dream frames the next step advances: floor(time_scale), plus one with the fractional part's probability."""
+        whole = int(np.floor(self.time_scale))
+        frac = self.time_scale - whole
+        return whole + int(frac > 0 and self.rng.random() < frac)
 
-        Returns (obs, rewards float32 [N], terminated bool [N], truncated bool [N], info arrays [N]).
-        """
+    def _advance(self, actions: np.ndarray) -> tuple[Any, np.ndarray]:
+        """One dream frame for every row: (the runtime's WorldStep, terminated bool [N])."""
         out = self.runtime.step(actions)
         self.stack = np.roll(self.stack, -1, axis=1)
         self.stack[:, -1] = out.frames
         self.features = out.features.astype(np.float32)
-        self.steps += 1
         if self.termination == "sample":
             terminated = self.rng.random(self.num_envs) < out.termination_prob
         else:
             terminated = out.termination_prob > self.termination_threshold
+        return out, terminated
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Advance every world by one step: :meth:`frames_this_step` batched model calls (one at time_scale 1).
+
+        ``actions`` are already validated. Returns (obs, rewards float32 [N], terminated bool [N],
+        truncated bool [N], info arrays [N]).
+        """
+        frames = self.frames_this_step()
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        iterations = np.zeros(self.num_envs, dtype=np.int64)
+        for _ in range(frames):
+            out, term = self._advance(actions)
+            rewards += out.rewards
+            terminated |= term
+            iterations += out.jacobi_iterations.astype(np.int64)
+            ood = self.ood.step(out.log_likelihood, out.frames, frame_positions(self.runtime))
+        self.steps += 1
         truncated = (self.steps >= self.horizon) & ~terminated
         info = {
             "log_likelihood": out.log_likelihood.astype(np.float32),
-            "jacobi_iterations": out.jacobi_iterations.astype(np.int64),
-            **self.ood.step(out.log_likelihood, out.frames, frame_positions(self.runtime)),
+            "jacobi_iterations": iterations,
+            **ood,
         }
-        return self.observations(), out.rewards.astype(np.float32), terminated, truncated, info
+        return self.observations(), (rewards / frames).astype(np.float32), terminated, truncated, info
 
 
 # ----------------------------------------------------------------------------------------------

@@ -664,3 +664,13 @@ def test_dream_fidelity_measures_first_episodes_of_every_world(cartpole):
     with pytest.raises(ValueError, match="max_ratio must be > 1"):
         fidelity.passes(result, 1.0)
     assert "always_0" in fidelity.summary(result)
+
+
+def test_ppo_trains_in_a_time_scaled_dream(cartpole, tmp_path):
+    """agent.time_scale reaches the dream (frames per agent step); bad values name the key."""
+    settings = small(obs_mode="latent", time_scale=1.5, total_timesteps=128, eval_every=128)
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, settings)
+    assert result["settings"]["time_scale"] == 1.5 and np.isfinite(result["real_return_mean"])
+    for bad in (0.9, True, "fast"):
+        with pytest.raises(ValueError, match="agent.time_scale must be a number in"):
+            small(time_scale=bad).validate()

@@ -305,3 +305,38 @@ def test_context_clips_stay_before_the_real_end(tmp_path):
     assert all(int(t) <= live[int(e)] - 1 for t, e in zip(last[:, 0], last[:, 1], strict=True))
     # every live start is reachable: some clip ends on the last live frame of its episode
     assert any(int(t) == live[int(e)] - 1 for t, e in zip(last[:, 0], last[:, 1], strict=True))
+
+
+def test_time_scale_advances_several_frames_per_step(ckpts):
+    # time_scale=2: one step is two dream frames under the same action, bit for bit (the frame draw uses no RNG
+    # at an integer scale); the reward is their mean, and the episode ends if either frame ends it
+    one = DreamEnv(checkpoint=ckpts["plain"], frame_stack=2, horizon=50)
+    two = DreamEnv(checkpoint=ckpts["plain"], frame_stack=2, horizon=50, time_scale=2)
+    o1, _ = one.reset(seed=3)
+    o2, _ = two.reset(seed=3)
+    np.testing.assert_array_equal(o1, o2)
+    rewards = []
+    for a in (1, 0):
+        _, r, _, _, _ = one.step(a)
+        rewards.append(r)
+        _, r, _, _, _ = one.step(a)
+        rewards.append(r)
+        obs2, r2, term2, trunc2, info2 = two.step(a)
+        assert r2 == pytest.approx((rewards[-2] + rewards[-1]) / 2, rel=1e-6)
+        assert info2["jacobi_iterations"] >= 2
+    np.testing.assert_array_equal(one.core.stack, two.core.stack)  # the same four frames
+    assert two.core.steps[0] == 2 and one.core.steps[0] == 4  # the horizon counts steps, not frames
+    ends = DreamVectorEnv(num_envs=4, checkpoint=ckpts["always_ends"], horizon=50, time_scale=2)
+    ends.reset(seed=0)
+    assert ends.step(np.zeros(4, np.int64))[2].all()
+
+
+def test_fractional_time_scale_draws_frames_per_step(ckpts):
+    core = DreamEnv(checkpoint=ckpts["plain"], time_scale=1.25).core
+    core.seed(0)
+    draws = np.array([core.frames_this_step() for _ in range(2000)])
+    assert set(np.unique(draws)) == {1, 2}
+    assert draws.mean() == pytest.approx(1.25, abs=0.03)
+    for bad in (0.5, True, float("nan"), "2", 16):
+        with pytest.raises(ValueError, match="time_scale must be a number in"):
+            DreamEnv(checkpoint=ckpts["plain"], time_scale=bad)
