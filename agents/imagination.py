@@ -87,6 +87,7 @@ class AgentSettings:
     select_snapshots_from: int | None = None  # halving: snapshots of at least this many steps are candidates (None: none)
     select_first_episodes: int = 2  # halving: real episodes each candidate plays in the first round (doubling after)
     select_keep: int = 3  # halving: the best 1 / keep of a round's candidates go on to the next
+    workers: int = 1  # seeds > 1: seeds trained at once, each in its own process with cpu_count // workers torch threads
 
     @classmethod
     def from_config(cls, agent_cfg: Any, **extra: Any) -> AgentSettings:
@@ -116,6 +117,8 @@ class AgentSettings:
         if self.seeds > 1 and self.ensemble_snapshots is not None:
             raise ValueError(f"agent.seeds={self.seeds} and agent.ensemble_snapshots={self.ensemble_snapshots}: choose "
                              "one kind of ensemble (independent seeds or one run's snapshots)")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"agent.workers must be an integer >= 1, got {self.workers!r}")
         if self.select not in SELECT_RULES:
             raise ValueError(f"agent.select must be one of {SELECT_RULES}, got {self.select!r}")
         if self.select == "best" and self.seeds < 2:
@@ -541,6 +544,37 @@ def chosen_policy_file(out: Path, chosen: str) -> Path:
     return out / seed_dir / "snapshots" / f"{steps}.zip" if steps else out / seed_dir / "policy.zip"
 
 
+def _train_member(checkpoint: str, env_cfg: Any, out_dir: Path, member: AgentSettings, threads: int) -> float:
+    """One seed's run in a worker process with ``threads`` torch threads; returns its real return."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return float(train_in_imagination(checkpoint, env_cfg, out_dir, member, progress=False)["real_return_mean"])
+
+
+def train_members_in_parallel(checkpoint: str | Path, env_cfg: Any, out: Path, members: list[AgentSettings],
+                              workers: int) -> None:
+    """Train ``members`` (one seed each) in ``workers`` spawned processes, ``cpu_count // workers`` torch threads each.
+
+    On 2 cores two single-thread seeds step the batch-64 dream ~1.5x faster together than one after another
+    on 2 threads (a latent PPO seed at time_scale 1.33: 80 agent steps/s each, against ~109 for one on both
+    cores; session 19). Each member writes its own ``seed<s>/`` folder, as in the serial path.
+    """
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    print(f"[agent] seeds {', '.join(str(m.seed) for m in members)}: {workers} at a time, {threads} torch "
+          f"thread(s) each", flush=True)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {m.seed: pool.submit(_train_member, str(checkpoint), env_cfg, out / f"seed{m.seed}", m, threads)
+                   for m in members}
+        for seed, future in futures.items():
+            print(f"[agent] seed {seed}: real return {future.result():.1f}", flush=True)
+
+
 def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
                 progress: bool = False) -> dict[str, Any]:
     """``settings.seeds`` = 1: :func:`train_in_imagination`. N > 1: N independently seeded agents in ``seed<s>/``
@@ -558,18 +592,20 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     t0 = time.time()
-    members, member_results = [], []
+    members = [out / f"seed{settings.seed + k}" / "policy.zip" for k in range(settings.seeds)]
+    todo = []
     for k in range(settings.seeds):
         seed = settings.seed + k
-        sub = out / f"seed{seed}"
-        done = sub / "result.json"
-        print(f"[agent] seed {seed} ({k + 1} of {settings.seeds})", flush=True)
-        if done.exists():
-            member_results.append(json.loads(done.read_text()))
-        else:
-            member = replace(settings, seed=seed, seeds=1, select="ensemble", select_max_frames=None)  # one agent
-            member_results.append(train_in_imagination(checkpoint, env_cfg, sub, member, progress))
-        members.append(sub / "policy.zip")
+        if not (out / f"seed{seed}" / "result.json").exists():
+            todo.append(replace(settings, seed=seed, seeds=1, select="ensemble", select_max_frames=None, workers=1))
+    workers = min(settings.workers, len(todo))
+    if workers > 1:
+        train_members_in_parallel(checkpoint, env_cfg, out, todo, workers)
+    else:
+        for member in todo:
+            print(f"[agent] seed {member.seed} ({member.seed - settings.seed + 1} of {settings.seeds})", flush=True)
+            train_in_imagination(checkpoint, env_cfg, out / f"seed{member.seed}", member, progress)
+    member_results = [json.loads((p.parent / "result.json").read_text()) for p in members]
     ensemble = load_ensemble(members, algo_class(settings.algo))
     runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=1, device=settings.device,
                                            sampler=settings.sampler or None, context_window=settings.context_window,

@@ -674,3 +674,22 @@ def test_ppo_trains_in_a_time_scaled_dream(cartpole, tmp_path):
     for bad in (0.9, True, "fast"):
         with pytest.raises(ValueError, match="agent.time_scale must be a number in"):
             small(time_scale=bad).validate()
+
+
+def test_seed_members_train_in_parallel_worker_processes(cartpole, tmp_path):
+    """agent.workers=2: the seeds train at once in spawned processes, each writing its own seed<s>/ as the serial
+    path does; a rerun reuses them; bad values name the key."""
+    from sfv_world.agents.imagination import train_agent
+
+    kw = dict(obs_mode="latent", seeds=2, seed=7, workers=2, total_timesteps=64, eval_every=64)
+    result = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(**kw))
+    members = [json.loads((tmp_path / f"seed{s}" / "result.json").read_text()) for s in (7, 8)]
+    assert [m["settings"]["seed"] for m in members] == [7, 8]
+    assert all(m["settings"]["workers"] == 1 and m["dream_steps"] >= 64 for m in members)
+    assert result["members"] == members and np.isfinite(result["real_return_mean"])
+    stamp = (tmp_path / "seed8" / "policy.zip").stat().st_mtime_ns
+    assert train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(**kw))["members"] == members
+    assert (tmp_path / "seed8" / "policy.zip").stat().st_mtime_ns == stamp
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="agent.workers must be an integer >= 1"):
+            small(workers=bad).validate()
