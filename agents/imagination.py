@@ -355,8 +355,10 @@ def real_evaluator(runtime, env_cfg: Any, settings: AgentSettings, max_steps: in
 
 
 def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
-                         progress: bool = False) -> dict[str, Any]:
+                         progress: bool = False, callbacks: list[BaseCallback] | None = None) -> dict[str, Any]:
     """Train ``settings.algo`` inside the dream of ``checkpoint``; evaluate in the real env of ``env_cfg``.
+
+    ``callbacks``: extra SB3 callbacks for ``learn`` (the parallel seeds report their steps through one).
 
     Resumes from ``out_dir/checkpoint.zip`` if a previous run was interrupted. Returns the result dict
     (also written to ``out_dir/result.json``).
@@ -412,7 +414,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     log = EvalLog(out / "eval.csv")
     t0 = time.time()
     callback = RealEvalCallback(settings.eval_every, evaluate, log, ckpt, t0)
-    callbacks = [callback]
+    callbacks = [callback, *(callbacks or [])]
     if settings.snapshot_every:
         callbacks.append(SnapshotCallback(settings.snapshot_every, out / "snapshots"))
     remaining = settings.total_timesteps - model.num_timesteps
@@ -544,35 +546,68 @@ def chosen_policy_file(out: Path, chosen: str) -> Path:
     return out / seed_dir / "snapshots" / f"{steps}.zip" if steps else out / seed_dir / "policy.zip"
 
 
-def _train_member(checkpoint: str, env_cfg: Any, out_dir: Path, member: AgentSettings, threads: int) -> float:
+class StepCounter(BaseCallback):
+    """Writes the model's imagined steps to ``counter[slot]`` (a shared array the parent's progress bar reads)."""
+
+    def __init__(self, counter, slot: int):
+        super().__init__()
+        self.counter, self.slot = counter, slot
+
+    def _on_step(self) -> bool:
+        self.counter[self.slot] = self.num_timesteps
+        return True
+
+
+_STEPS = None  # a worker's view of the parent's shared step counters (set by _init_worker)
+
+
+def _init_worker(steps) -> None:
+    global _STEPS
+    _STEPS = steps
+
+
+def _train_member(checkpoint: str, env_cfg: Any, out_dir: Path, member: AgentSettings, threads: int, slot: int) -> float:
     """One seed's run in a worker process with ``threads`` torch threads; returns its real return."""
     import torch
 
     torch.set_num_threads(threads)
-    return float(train_in_imagination(checkpoint, env_cfg, out_dir, member, progress=False)["real_return_mean"])
+    counter = [StepCounter(_STEPS, slot)] if _STEPS is not None else []
+    return float(train_in_imagination(checkpoint, env_cfg, out_dir, member, progress=False,
+                                      callbacks=counter)["real_return_mean"])
 
 
 def train_members_in_parallel(checkpoint: str | Path, env_cfg: Any, out: Path, members: list[AgentSettings],
-                              workers: int) -> None:
-    """Train ``members`` (one seed each) in ``workers`` spawned processes, ``cpu_count // workers`` torch threads each.
+                              workers: int, progress: bool = True) -> None:
+    """Train ``members`` (one seed each) in ``workers`` spawned processes, ``cores // workers`` torch threads each.
 
     On 2 cores two single-thread seeds step the batch-64 dream ~1.5x faster together than one after another
-    on 2 threads (a latent PPO seed at time_scale 1.33: 80 agent steps/s each, against ~109 for one on both
-    cores; session 19). Each member writes its own ``seed<s>/`` folder, as in the serial path.
+    on 2 threads (two latent PPO seeds at time_scale 1.33: 80 agent steps/s each, against ~109 for one on
+    both cores; session 19). Each member writes its own ``seed<s>/`` folder, as in the serial path; one
+    progress bar counts the imagined steps of all of them.
     """
     import multiprocessing as mp
     import os
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm import tqdm
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers)
     print(f"[agent] seeds {', '.join(str(m.seed) for m in members)}: {workers} at a time, {threads} torch "
           f"thread(s) each", flush=True)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {m.seed: pool.submit(_train_member, str(checkpoint), env_cfg, out / f"seed{m.seed}", m, threads)
-                   for m in members}
-        for seed, future in futures.items():
-            print(f"[agent] seed {seed}: real return {future.result():.1f}", flush=True)
+    ctx = mp.get_context("spawn")
+    steps = ctx.Array("q", len(members), lock=False)
+    total = sum(int(m.total_timesteps) for m in members)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(steps,)) as pool, \
+            tqdm(total=total, desc="agents", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        futures = {pool.submit(_train_member, str(checkpoint), env_cfg, out / f"seed{m.seed}", m, threads, i): m.seed
+                   for i, m in enumerate(members)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
+            bar.update(min(sum(steps), total) - bar.n)
+            for future in done:
+                tqdm.write(f"[agent] seed {futures[future]}: real return {future.result():.1f}")
 
 
 def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
@@ -600,7 +635,7 @@ def train_agent(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, setti
             todo.append(replace(settings, seed=seed, seeds=1, select="ensemble", select_max_frames=None, workers=1))
     workers = min(settings.workers, len(todo))
     if workers > 1:
-        train_members_in_parallel(checkpoint, env_cfg, out, todo, workers)
+        train_members_in_parallel(checkpoint, env_cfg, out, todo, workers, progress)
     else:
         for member in todo:
             print(f"[agent] seed {member.seed} ({member.seed - settings.seed + 1} of {settings.seeds})", flush=True)

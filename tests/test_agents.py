@@ -676,10 +676,11 @@ def test_ppo_trains_in_a_time_scaled_dream(cartpole, tmp_path):
             small(time_scale=bad).validate()
 
 
-def test_seed_members_train_in_parallel_worker_processes(cartpole, tmp_path):
+def test_seed_members_train_in_parallel_worker_processes(cartpole, tmp_path, capsys):
     """agent.workers=2: the seeds train at once in spawned processes, each writing its own seed<s>/ as the serial
-    path does; a rerun reuses them; bad values name the key."""
-    from sfv_world.agents.imagination import train_agent
+    path does, under one progress bar fed by the workers' step counters; a rerun reuses them; bad values name
+    the key."""
+    from sfv_world.agents.imagination import train_agent, train_members_in_parallel
 
     kw = dict(obs_mode="latent", seeds=2, seed=7, workers=2, total_timesteps=64, eval_every=64)
     result = train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(**kw))
@@ -690,6 +691,12 @@ def test_seed_members_train_in_parallel_worker_processes(cartpole, tmp_path):
     stamp = (tmp_path / "seed8" / "policy.zip").stat().st_mtime_ns
     assert train_agent(cartpole["ckpt"], CARTPOLE, tmp_path, small(**kw))["members"] == members
     assert (tmp_path / "seed8" / "policy.zip").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    train_members_in_parallel(cartpole["ckpt"], CARTPOLE, tmp_path / "bar", [small(**{**kw, "seed": s, "seeds": 1, "workers": 1})
+                                                                          for s in (1, 2)], 2, progress=True)
+    err = capsys.readouterr().err
+    assert "agents: 100%" in err and "128/128" in err
+    assert (tmp_path / "bar" / "seed2" / "policy.zip").exists()
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="agent.workers must be an integer >= 1"):
             small(workers=bad).validate()
