@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sfv_world.agents.ensemble import MANIFEST, load_ensemble
 from sfv_world.agents.evaluation import EvalResult, ObservationSpec, evaluate_real
 from sfv_world.agents.policies import StandardizedFeatures, algo_class, algo_kwargs, policy_for, resolve_schedules
@@ -283,6 +284,7 @@ class RealEvalCallback(BaseCallback):
         self.checkpoint_path, self.t0, self.label = checkpoint_path, t0, label
         self.next_eval = None
         self.last_row: dict[str, Any] | None = None
+        self.last_params: list | None = None  # the policy's parameters at the last evaluation
 
     def _on_training_start(self) -> None:
         self.next_eval = (self.num_timesteps // self.every + 1) * self.every
@@ -313,12 +315,19 @@ class RealEvalCallback(BaseCallback):
         print(f"[agent] {self.num_timesteps} {self.label} steps: training-episode return {im_r:.1f}, real return "
               f"{result.mean:.1f} +- {result.std:.1f}", flush=True)
         self.last_row = row
+        self.last_params = self._params()
         return row
 
+    def _params(self) -> list:
+        return [p.detach().clone() for p in self.model.policy.parameters()]
+
     def final_eval(self) -> dict[str, Any]:
-        """The evaluation at the end of training (reused when the last periodic one was at this step)."""
+        """The evaluation at the end of training, reused when the last periodic one was at this step or saw the
+        same policy (a linear schedule's last update has learning rate 0, so an evaluation at 50,048 of 50,000
+        steps already scored the final policy)."""
         self.num_timesteps = self.model.num_timesteps
-        if self.last_row is not None and self.last_row["timesteps"] == self.num_timesteps:
+        if self.last_row is not None and (self.last_row["timesteps"] == self.num_timesteps or all(
+                torch.equal(a, b) for a, b in zip(self.last_params, self._params(), strict=True))):
             return self.last_row
         return self.run_eval()
 

@@ -700,3 +700,17 @@ def test_seed_members_train_in_parallel_worker_processes(cartpole, tmp_path, cap
     for bad in (0, True, 1.5):
         with pytest.raises(ValueError, match="agent.workers must be an integer >= 1"):
             small(workers=bad).validate()
+
+
+def test_final_evaluation_is_reused_when_the_last_update_left_the_policy_unchanged(cartpole, tmp_path):
+    """A linear schedule's last update has learning rate 0: the final policy is the one the periodic evaluation at
+    96 of 128 steps already scored, so eval.csv gets no second, identical row; a constant rate does change it."""
+    from sfv_world.agents.imagination import read_eval_csv
+
+    kw = dict(obs_mode="latent", total_timesteps=128, eval_every=96)
+    lin = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path / "lin", small(**kw, algo_kwargs={
+        "n_steps": 16, "batch_size": 64, "n_epochs": 2, "learning_rate": "lin_1e-3"}))
+    rows = read_eval_csv(tmp_path / "lin" / "eval.csv")
+    assert list(rows["timesteps"]) == [96] and lin["real_return_mean"] == rows["real_return_mean"][0]
+    train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path / "const", small(**kw))
+    assert list(read_eval_csv(tmp_path / "const" / "eval.csv")["timesteps"]) == [96, 128]
