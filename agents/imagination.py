@@ -589,10 +589,10 @@ def train_members_in_parallel(checkpoint: str | Path, env_cfg: Any, out: Path, m
                               workers: int, progress: bool = True) -> None:
     """Train ``members`` (one seed each) in ``workers`` spawned processes, ``cores // workers`` torch threads each.
 
-    On 2 cores two single-thread seeds step the batch-64 dream ~1.5x faster together than one after another
-    on 2 threads (two latent PPO seeds at time_scale 1.33: 80 agent steps/s each, against ~109 for one on
-    both cores; session 19). Each member writes its own ``seed<s>/`` folder, as in the serial path; one
-    progress bar counts the imagined steps of all of them.
+    On 2 cores two single-thread seeds train 1.29x faster together than one after another on both threads
+    (171.6 against 132.8 imagined steps/s with start-up and real evaluations, one run; small batched ops
+    scale poorly across threads: benchmarks/results/agent_workers.md). Each member writes its own
+    ``seed<s>/`` folder, as in the serial path; one progress bar counts the imagined steps of all of them.
     """
     import multiprocessing as mp
     import os
