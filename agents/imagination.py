@@ -372,7 +372,6 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     Resumes from ``out_dir/checkpoint.zip`` if a previous run was interrupted. Returns the result dict
     (also written to ``out_dir/result.json``).
     """
-    import torch
     from sfv_world.envs.sb3 import DreamSB3VecEnv
 
     settings.validate()
@@ -577,8 +576,6 @@ def _init_worker(steps) -> None:
 
 def _train_member(checkpoint: str, env_cfg: Any, out_dir: Path, member: AgentSettings, threads: int, slot: int) -> float:
     """One seed's run in a worker process with ``threads`` torch threads; returns its real return."""
-    import torch
-
     torch.set_num_threads(threads)
     counter = [StepCounter(_STEPS, slot)] if _STEPS is not None else []
     return float(train_in_imagination(checkpoint, env_cfg, out_dir, member, progress=False,

@@ -326,10 +326,30 @@ def test_time_scale_advances_several_frames_per_step(ckpts):
         assert info2["jacobi_iterations"] >= 2
     np.testing.assert_array_equal(one.core.stack, two.core.stack)  # the same four frames
     assert two.core.steps[0] == 2 and one.core.steps[0] == 4  # the horizon counts steps, not frames
-    # a step whose frames terminate ends the episode (the head here ends every frame)
-    ends = DreamVectorEnv(num_envs=4, checkpoint=ckpts["always_ends"], horizon=50, time_scale=2)
-    ends.reset(seed=0)
-    assert ends.step(np.zeros(4, np.int64))[2].all()
+
+
+def test_time_scaled_step_ends_if_any_frame_ends_and_averages_rewards(ckpts):
+    # the real runtime's per-frame outputs, rewritten so that only the first frame of each step ends row 0 and
+    # pays 1: a step of two frames must end row 0 (not just read its last frame) and pay the mean, 0.5
+    from dataclasses import replace
+
+    core = DreamVectorEnv(num_envs=2, checkpoint=ckpts["never_ends"], horizon=50, time_scale=2).core
+    core.seed(0)
+    core.reset_rows(np.arange(2))
+    step, calls = core.runtime.step, []
+
+    def scripted(actions):
+        out = step(actions)
+        first = len(calls) % 2 == 0
+        calls.append(first)
+        return replace(out, termination_prob=np.array([0.9 if first else 0.0, 0.0], np.float32),
+                       rewards=np.array([1.0 if first else 0.0, 1.0], np.float32))
+
+    core.runtime.step = scripted
+    _, rewards, terminated, _, _ = core.step(np.zeros(2, np.int64))
+    assert calls == [True, False]
+    np.testing.assert_array_equal(terminated, [True, False])
+    np.testing.assert_allclose(rewards, [0.5, 1.0])
 
 
 def test_fractional_time_scale_draws_frames_per_step(ckpts):
