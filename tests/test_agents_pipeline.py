@@ -102,6 +102,11 @@ def test_outer_loop_collects_with_the_agent_retrains_and_continues(tmp_path):
     assert agent_json["ensemble_members"] == ["96.zip", "128.zip"]  # the last two of 32, 64, 96, 128
     assert agent_json["last_policy_real_return_mean"] > 0
     assert "last policy alone" in (tmp_path / "report" / "report.md").read_text()
+    # a smaller budget (what pipeline.collection_budget leaves) stops the agent's collection early
+    from sfv_world.apps.pipeline import iteration_cfg, stage_collect_with_agent
+
+    small = stage_collect_with_agent(iteration_cfg(cfg, 0), iteration_cfg(cfg, 1), 1, first + 5)
+    assert small["new_transitions"] == 5 and small["transitions"] == first + 5
 
 
 def test_finetune_iterations_continue_the_previous_world_model(tmp_path):
@@ -204,6 +209,41 @@ def test_collector_timesteps_shorten_every_agent_but_the_last(tmp_path):
     cfg.pipeline.collector_timesteps = 0
     with pytest.raises(ValueError, match="pipeline.collector_timesteps must be a positive integer"):
         iteration_cfg(cfg, 1)
+
+
+def test_collector_seeds_make_the_collectors_an_ensemble_and_the_reserve_is_checked(tmp_path):
+    from omegaconf import open_dict
+
+    from sfv_world.apps.pipeline import collection_budget, iteration_cfg, selection_reserve
+
+    cfg = tiny_pipeline_cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.agent.seeds = 4
+        cfg.agent.select = "halving"
+        cfg.pipeline.iterations = 3
+        cfg.pipeline.agent_warm_start = False
+        cfg.pipeline.collector_timesteps = 16
+        cfg.pipeline.collector_seeds = 1
+        cfg.pipeline.selection_reserve = 500
+    seeds = [(c.agent.seeds, c.agent.select) for c in (iteration_cfg(cfg, it) for it in range(3))]
+    assert seeds == [(1, "ensemble"), (1, "ensemble"), (4, "halving")]  # the last agent keeps its own
+    assert selection_reserve(cfg) == 500
+    cfg.pipeline.collector_seeds = None  # null: the collectors are trained and chosen like the last agent
+    assert [iteration_cfg(cfg, it).agent.seeds for it in range(3)] == [4, 4, 4]
+    for bad in (0, -1, 1.5, True, "2"):
+        cfg.pipeline.collector_seeds = bad
+        with pytest.raises(ValueError, match="pipeline.collector_seeds must be a positive integer"):
+            iteration_cfg(cfg, 0)
+    cfg.pipeline.collector_seeds = 2
+    cfg.pipeline.collector_timesteps = None
+    with pytest.raises(ValueError, match="pipeline.collector_seeds needs pipeline.collector_timesteps"):
+        iteration_cfg(cfg, 1)
+    spent = {"agent": {"imagination": {"selection": {"real_frames": 700}}}}
+    assert collection_budget(cfg, spent, 50_000) == 50_000 - 700 - 500
+    for bad in (-1, 2.5, False):
+        cfg.pipeline.selection_reserve = bad
+        with pytest.raises(ValueError, match="pipeline.selection_reserve must be a non-negative integer"):
+            selection_reserve(cfg)
 
 
 def test_only_the_recorded_benchmark_run_writes_benchmark_results(tmp_path):

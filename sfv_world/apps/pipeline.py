@@ -281,12 +281,13 @@ def stage_baseline(cfg: DictConfig) -> dict[str, Any]:
 def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
     """Config of outer-loop iteration ``it`` (0: the run itself; k: ``<run_dir>/iter<k>``)."""
     collector = collector_timesteps(cfg)
+    collector_overrides = collector_agent(cfg)  # checked in every iteration, applied to the collectors
     early = collector is not None and it < int(OmegaConf.select(cfg, "pipeline.iterations", default=1)) - 1
     if it == 0:
         if not early:
             return cfg
         return _with(cfg, **{"agent.total_timesteps": collector,
-                             "agent.eval_every": min(int(cfg.agent.eval_every), collector)})
+                             "agent.eval_every": min(int(cfg.agent.eval_every), collector), **collector_overrides})
     rd = Path(cfg.run_dir) / f"iter{it}"
     updates: dict[str, Any] = {}
     if agent_warm_start(cfg):  # the agent continues: its step budget grows by one iteration's worth
@@ -294,6 +295,8 @@ def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
     elif early:  # a fresh agent that only collects the next iteration's data
         updates["agent.total_timesteps"] = collector
         updates["agent.eval_every"] = min(int(cfg.agent.eval_every), collector)
+    if early:
+        updates.update(collector_overrides)
     finetune = OmegaConf.select(cfg, "pipeline.finetune_steps", default=None)
     if finetune:  # continue the previous iteration's world model on the merged data instead of retraining
         prev = cfg.checkpoint if it == 1 else Path(cfg.run_dir) / f"iter{it - 1}" / "checkpoints" / "last.pt"
@@ -316,6 +319,36 @@ def collector_timesteps(cfg: DictConfig) -> int | None:
         raise ValueError("pipeline.collector_timesteps needs pipeline.agent_warm_start=false (a warm-started agent "
                          "continues from the collectors, so its budget is agent.total_timesteps per iteration)")
     return int(value)
+
+
+def collector_agent(cfg: DictConfig) -> dict[str, Any]:
+    """Overrides of the collecting agents (``pipeline.collector_seeds``: their seed count; null keeps
+    ``agent.seeds``). They are an ensemble of their seeds, chosen without real episodes, so every real
+    frame they could spend on selection goes to the data they collect."""
+    value = OmegaConf.select(cfg, "pipeline.collector_seeds", default=None)
+    if value is None:
+        return {}
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"pipeline.collector_seeds must be a positive integer or null, got {value!r}")
+    if collector_timesteps(cfg) is None:
+        raise ValueError("pipeline.collector_seeds needs pipeline.collector_timesteps (the collecting agents are "
+                         "the fresh ones trained before the last iteration)")
+    return {"agent.seeds": int(value), "agent.select": "ensemble"}
+
+
+def selection_reserve(cfg: DictConfig) -> int:
+    """``pipeline.selection_reserve``: real frames the agent-collection stages leave for the last agent's
+    selection (``agent.select`` best / halving); 0 where the last agent chooses without real episodes."""
+    value = OmegaConf.select(cfg, "pipeline.selection_reserve", default=0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"pipeline.selection_reserve must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def collection_budget(cfg: DictConfig, results: dict[str, Any], max_real_frames: int) -> int:
+    """Real frames all datasets together may hold after the next agent collection: the budget less what
+    selection spent so far and the ``pipeline.selection_reserve`` kept for the last agent's."""
+    return int(max_real_frames) - selection_frames(results) - selection_reserve(cfg)
 
 
 def agent_warm_start(cfg: DictConfig) -> bool:
@@ -749,6 +782,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     max_frames = int(OmegaConf.select(cfg, "pipeline.max_real_frames", default=50_000))
     if iterations < 1:
         raise ValueError(f"pipeline.iterations must be >= 1, got {iterations}")
+    selection_reserve(cfg)  # checked before any stage runs
     if iterations > 1:
         check_warm_start_seeds(cfg)  # now, not after the first iteration's stages
     results: dict[str, Any] = {
@@ -763,7 +797,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from sfv_world.apps.agent import agent_dirs
 
         results[f"collect@{it}"] = stages.run(f"collect@{it}", partial(stage_collect_with_agent, prev, cur, it,
-                                                                        max_frames - selection_frames(results)))
+                                                                        collection_budget(cfg, results, max_frames)))
         results[f"train@{it}"] = stages.run(f"train@{it}", partial(stage_train, cur))
         warm = agent_dirs(prev)["imagination"] / "checkpoint.zip" if agent_warm_start(cfg) else None
         results[f"agent@{it}"] = stages.run(f"agent@{it}", partial(stage_agent, cur, warm_start=warm,
