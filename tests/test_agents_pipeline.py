@@ -214,7 +214,8 @@ def test_collector_timesteps_shorten_every_agent_but_the_last(tmp_path):
 def test_collector_seeds_make_the_collectors_an_ensemble_and_the_reserve_is_checked(tmp_path):
     from omegaconf import open_dict
 
-    from sfv_world.apps.pipeline import collection_budget, iteration_cfg, selection_reserve
+    from sfv_world.apps.pipeline import (collection_budget, iteration_cfg, selection_reserve,
+                                         unreserved_selection_warning)
 
     cfg = tiny_pipeline_cfg(tmp_path)
     with open_dict(cfg):
@@ -238,6 +239,12 @@ def test_collector_seeds_make_the_collectors_an_ensemble_and_the_reserve_is_chec
     cfg.pipeline.collector_timesteps = None
     with pytest.raises(ValueError, match="pipeline.collector_seeds needs pipeline.collector_timesteps"):
         iteration_cfg(cfg, 1)
+    assert unreserved_selection_warning(cfg) is None  # 500 frames kept for the halving
+    cfg.pipeline.selection_reserve = 0
+    assert "pipeline.selection_reserve=0" in unreserved_selection_warning(cfg)
+    cfg.agent.select = "ensemble"  # chooses without real episodes
+    assert unreserved_selection_warning(cfg) is None
+    cfg.agent.select, cfg.pipeline.selection_reserve = "halving", 500
     spent = {"agent": {"imagination": {"selection": {"real_frames": 700}}}}
     assert collection_budget(cfg, spent, 50_000) == 50_000 - 700 - 500
     for bad in (-1, 2.5, False):

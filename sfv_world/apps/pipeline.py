@@ -345,6 +345,17 @@ def selection_reserve(cfg: DictConfig) -> int:
     return int(value)
 
 
+def unreserved_selection_warning(cfg: DictConfig) -> str | None:
+    """Why the last agent's selection may find no real frames left (an outer loop whose agent collection
+    can spend the whole budget), or None."""
+    if int(OmegaConf.select(cfg, "pipeline.iterations", default=1)) < 2 or selection_reserve(cfg) > 0:
+        return None
+    if str(cfg.agent.select) not in ("best", "halving") or int(cfg.agent.seeds) < 2:
+        return None
+    return (f"agent.select={cfg.agent.select} needs real frames, but pipeline.selection_reserve=0 lets the agent's "
+            "collection spend the whole budget first (set pipeline.selection_reserve)")
+
+
 def collection_budget(cfg: DictConfig, results: dict[str, Any], max_real_frames: int) -> int:
     """Real frames all datasets together may hold after the next agent collection: the budget less what
     selection spent so far and the ``pipeline.selection_reserve`` kept for the last agent's."""
@@ -785,6 +796,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     selection_reserve(cfg)  # checked before any stage runs
     if iterations > 1:
         check_warm_start_seeds(cfg)  # now, not after the first iteration's stages
+        if (warning := unreserved_selection_warning(cfg)) is not None:
+            print(f"[pipeline] warning: {warning}", flush=True)
     results: dict[str, Any] = {
         "collect": stages.run("collect", lambda: stage_collect(cfg)),
         "train": stages.run("train", lambda: stage_train(cfg)),
