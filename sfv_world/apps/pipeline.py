@@ -281,22 +281,17 @@ def stage_baseline(cfg: DictConfig) -> dict[str, Any]:
 def iteration_cfg(cfg: DictConfig, it: int) -> DictConfig:
     """Config of outer-loop iteration ``it`` (0: the run itself; k: ``<run_dir>/iter<k>``)."""
     collector = collector_timesteps(cfg)
-    collector_overrides = collector_agent(cfg)  # checked in every iteration, applied to the collectors
+    overrides = collector_agent(cfg)  # checked in every iteration, applied to the collectors
     early = collector is not None and it < int(OmegaConf.select(cfg, "pipeline.iterations", default=1)) - 1
+    # a fresh agent that only collects the next iteration's data (collector_timesteps needs agent_warm_start=false)
+    collecting = {"agent.total_timesteps": collector, "agent.eval_every": min(int(cfg.agent.eval_every), collector),
+                  **overrides} if early else {}
     if it == 0:
-        if not early:
-            return cfg
-        return _with(cfg, **{"agent.total_timesteps": collector,
-                             "agent.eval_every": min(int(cfg.agent.eval_every), collector), **collector_overrides})
+        return _with(cfg, **collecting) if early else cfg
     rd = Path(cfg.run_dir) / f"iter{it}"
-    updates: dict[str, Any] = {}
+    updates: dict[str, Any] = dict(collecting)
     if agent_warm_start(cfg):  # the agent continues: its step budget grows by one iteration's worth
         updates["agent.total_timesteps"] = int(cfg.agent.total_timesteps) * (it + 1)
-    elif early:  # a fresh agent that only collects the next iteration's data
-        updates["agent.total_timesteps"] = collector
-        updates["agent.eval_every"] = min(int(cfg.agent.eval_every), collector)
-    if early:
-        updates.update(collector_overrides)
     finetune = OmegaConf.select(cfg, "pipeline.finetune_steps", default=None)
     if finetune:  # continue the previous iteration's world model on the merged data instead of retraining
         prev = cfg.checkpoint if it == 1 else Path(cfg.run_dir) / f"iter{it - 1}" / "checkpoints" / "last.pt"
