@@ -179,6 +179,8 @@ def invert_jacobi(block: FlowBlock, cache: KVCache, first: torch.Tensor, v: torc
     Commits n slots.
     """
     B, n, d = v.shape
+    if chunk == 1:  # one slot per chunk: a sequential step, without the convergence bookkeeping
+        return invert_sequential(block, cache, first, v, add, cos, sin, cfg, cfg_scale, base)
     u = (v if init is None else init).clone()
     a_all = torch.empty(B, n, d, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
     b_all = torch.empty_like(a_all)

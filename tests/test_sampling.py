@@ -303,6 +303,23 @@ def test_chunk_size_passes_suffice_for_the_exact_inverse():
     assert (m.flow.invert(z, a, "sequential") - m.flow.invert(z, a, "jacobi", jc)).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("cfg,w", [(False, 0.0), (True, 1.5)])
+def test_one_slot_chunks_are_the_sequential_sampler(cfg, w):
+    """Jacobi with chunks of one slot (block_size 1, the cpu-demo shallow setting) is the sequential
+    sampler: the same frames, likelihoods and features bit for bit, one pass and one iteration per slot."""
+    m = random_model(temporal_skip=True)
+    x, a = random_clip(m.config, B=2, T=3)
+    vs = noises(2, 2, torch.float64)
+    acts = [torch.tensor([0, 2]), torch.tensor([1, 1])]
+    jc = JacobiConfig(block_size_first=1, block_size=1, threshold=1e-3, max_iter=32, warm_start=True)
+    seq = rollout(m, x, a, vs, acts, "sequential", cfg=cfg, w=w)
+    jac = rollout(m, x, a, vs, acts, "jacobi", jc, cfg=cfg, w=w)
+    for s, j in zip(seq, jac):
+        assert torch.equal(s.x_tilde, j.x_tilde) and torch.equal(s.nll, j.nll) and torch.equal(s.features, j.features)
+        assert j.passes == s.passes == F and (j.iterations == F).all()
+        assert j.shallow_passes == s.shallow_passes == F * m.config.shallow_blocks
+
+
 @pytest.mark.parametrize("cfg,w,pad", [(False, 0.0, 0), (True, 1.5, 0), (False, 0.0, 2)])
 @pytest.mark.parametrize("skip", [False, True])
 def test_append_frame_equals_encoding_the_whole_clip(cfg, w, pad, skip):
