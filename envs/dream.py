@@ -289,6 +289,10 @@ class DreamCore:
 
         n, s = self.num_envs, self.frame_stack
         self.stack = np.zeros((n, s, self.height, self.width, self.channels), dtype=np.uint8)
+        # latent observations need no pixels: the runtime skips the denoiser, and the newest frame is
+        # fetched only when someone looks (frames(), render); rows whose stack[:, -1] is out of date
+        self.lazy_frames = obs_mode == "latent" and not self.ood.needs_frames
+        self.stale = np.zeros(n, dtype=bool)
         self.features = np.zeros((n, runtime.feature_dim), dtype=np.float32)
         self.steps = np.zeros(n, dtype=np.int64)
         self.rng = np.random.default_rng()
@@ -309,6 +313,9 @@ class DreamCore:
 
     def frames(self) -> np.ndarray:
         """uint8 [N, H, W, C]: the newest frame of every world."""
+        if self.stale.any():  # latent mode: the steps since the last look did not decode their frames
+            self.stack[self.stale, -1] = self.runtime.newest_frames()[self.stale]
+            self.stale[:] = False
         return self.stack[:, -1].copy()
 
     def validate_actions(self, actions: Any, name: str = "actions") -> np.ndarray:
@@ -375,6 +382,7 @@ class DreamCore:
         stack[:, self.frame_stack - take :] = ctx[:, k - take :]
         stack[:, : self.frame_stack - take] = ctx[:, :1]
         self.stack[rows] = stack
+        self.stale[rows] = False
         self.features[rows] = out.features
         self.steps[rows] = 0
         return {
@@ -391,9 +399,12 @@ class DreamCore:
 
     def _advance(self, actions: np.ndarray) -> tuple[Any, np.ndarray]:
         """One dream frame for every row: (the runtime's WorldStep, terminated bool [N])."""
-        out = self.runtime.step(actions)
-        self.stack = np.roll(self.stack, -1, axis=1)
-        self.stack[:, -1] = out.frames
+        out = self.runtime.step(actions, frames=not self.lazy_frames)
+        if out.frames is None:  # latent mode keeps only the newest frame, decoded on demand by frames()
+            self.stale[:] = True
+        else:
+            self.stack = np.roll(self.stack, -1, axis=1)
+            self.stack[:, -1] = out.frames
         self.features = out.features.astype(np.float32)
         if self.termination == "sample":
             terminated = self.rng.random(self.num_envs) < out.termination_prob
@@ -482,7 +493,7 @@ class DreamEnv(gym.Env):
 
     def render(self):
         if self.render_mode == "rgb_array":
-            return self.core.stack[0, -1].copy()
+            return self.core.frames()[0]
         return None
 
 

@@ -445,7 +445,7 @@ class StarFlowV(nn.Module):
 
     @torch.no_grad()
     def encode_context(self, x_tilde: torch.Tensor, actions: torch.Tensor, frame_mask: torch.Tensor | None = None,
-                       cfg: bool = False, capacity: int | None = None, pad_frames: int = 0
+                       cfg: bool = False, capacity: int | None = None, pad_frames: int = 0, heads: bool = True
                        ) -> tuple[GenerationState, FlowOutput]:
         """One forward pass over a context clip that fills D's per-layer KV caches.
 
@@ -458,6 +458,9 @@ class StarFlowV(nn.Module):
         cache slots are masked keys; their history repeats the first frame), so it holds P + T0
         frames -- the same state as encoding the clip left-padded with P masked frames, at the cost
         of T0 frames (a per-row reset that must match the other rows' length).
+
+        heads=False skips the reward/termination heads of the context's transitions (the output's reward
+        and termination_logit are None), e.g. when re-encoding a window.
         """
         B, T0 = x_tilde.shape[:2]
         P = int(pad_frames)
@@ -469,7 +472,7 @@ class StarFlowV(nn.Module):
             cache, n_pad = state.cache, P * self.config.tokens_per_frame
             cache.set_valid(torch.zeros(cache.batch, dtype=torch.bool, device=x_tilde.device), n_pad)
             cache.advance(n_pad)
-        out, u = self._forward(x_tilde, actions, None, frame_mask, state.cache, cfg, first_frame=P)
+        out, u = self._forward(x_tilde, actions, None, frame_mask, state.cache, cfg, heads=heads, first_frame=P)
         fm = torch.ones(B, T0, dtype=torch.bool, device=x_tilde.device) if frame_mask is None else frame_mask
         state.last_token = u[:, -1, -1].clone()
         state.last_valid = fm[:, -1].clone()
@@ -483,14 +486,15 @@ class StarFlowV(nn.Module):
         return state, out
 
     @torch.no_grad()
-    def reencode(self, state: GenerationState, keep: int) -> tuple[GenerationState, FlowOutput]:
-        """Bounded window: re-encode the last `keep` frames of a state into a fresh state (exact)."""
+    def reencode(self, state: GenerationState, keep: int, heads: bool = True) -> tuple[GenerationState, FlowOutput]:
+        """Bounded window: re-encode the last `keep` frames of a state into a fresh state (exact).
+        heads=False: no reward/termination of the kept transitions (see `encode_context`)."""
         n = state.num_frames
         keep = min(keep, n)
         x = state.history_x[:, n - keep:n]
         a = state.history_a[:, n - keep:n - 1]
         m = state.history_mask[:, n - keep:n]
-        return self.encode_context(x, a, m, cfg=state.cfg, capacity=state.capacity)
+        return self.encode_context(x, a, m, cfg=state.cfg, capacity=state.capacity, heads=heads)
 
     def invert_shallow(self, u: torch.Tensor, method: str = "jacobi", jacobi: JacobiConfig | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, int]:

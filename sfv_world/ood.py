@@ -765,6 +765,11 @@ class OODMonitor:
         self.recent = np.full((self.num_envs, self.window), np.nan)
         self.prev: np.ndarray | None = None
 
+    @property
+    def needs_frames(self) -> bool:
+        """Whether :meth:`step` reads the frames (the complexity scores of a calibrated monitor)."""
+        return self.calibrated and self.score in ("complexity", "complexity_diff")
+
     @classmethod
     def from_runtime(cls, runtime, num_envs: int, score: str | None = None, env_id: str | None = None
                      ) -> OODMonitor:
@@ -794,13 +799,19 @@ class OODMonitor:
         score = typ.max(1)
         return {"ood_score": score.astype(np.float32), "ood": score > self.context_threshold}
 
-    def step(self, log_likelihood: np.ndarray, frames: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    def step(self, log_likelihood: np.ndarray, frames: np.ndarray | None, positions: np.ndarray
+             ) -> dict[str, np.ndarray]:
         """Score one imagined step of every world. log_likelihood float [N] (bits/dim); frames uint8
-        [N, h, w, C] (as served); positions int [N] (see :func:`frame_positions`).
-        Returns ood_score float32 [N], ood bool [N]."""
+        [N, h, w, C] (as served; None is allowed when not :attr:`needs_frames`); positions int [N] (see
+        :func:`frame_positions`). Returns ood_score float32 [N], ood bool [N]."""
         nll = -np.asarray(log_likelihood, dtype=np.float64)
-        frames = np.asarray(frames)
-        prev, self.prev = self.prev, frames.copy()
+        if frames is None:
+            if self.needs_frames:
+                raise ValueError(f"OOD score {self.score!r} needs the step's frames, got None")
+            prev = self.prev = None
+        else:
+            frames = np.asarray(frames)
+            prev, self.prev = self.prev, frames.copy()
         if not self.calibrated:
             return {"ood_score": nll.astype(np.float32), "ood": np.zeros(len(nll), bool)}
         band = self.entry["bands"]["imagined"]

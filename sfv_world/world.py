@@ -124,7 +124,8 @@ class WorldReset:
 class WorldStep:
     """Result of :meth:`WorldRuntime.step` (or :meth:`WorldRuntime.observe`) for all B rows.
 
-    frames            uint8 [B, h, w, C]  the new frame (denoised), at the model's frame size
+    frames            uint8 [B, h, w, C]  the new frame (denoised), at the model's frame size; None from
+                                          ``step(..., frames=False)`` (see :meth:`WorldRuntime.newest_frames`)
     rewards           float32 [B]         predicted reward of the transition
     termination_prob  float32 [B]         sigmoid of the termination head
     terminations      bool [B]            termination_prob > 0.5
@@ -133,7 +134,7 @@ class WorldStep:
     features          float32 [B, D]      causal features of the new frame ([B, F * D]: slots)
     """
 
-    frames: np.ndarray
+    frames: np.ndarray | None
     rewards: np.ndarray
     termination_prob: np.ndarray
     terminations: np.ndarray
@@ -450,7 +451,7 @@ class WorldRuntime:
         if self.state is None:
             raise RuntimeError("WorldRuntime.step/observe called before reset()")
         if self.state.full:
-            self.state, _ = self.flow.reencode(self.state, self.reencode_keep)
+            self.state, _ = self.flow.reencode(self.state, self.reencode_keep, heads=False)
             self.reencodes += 1
 
     def _denoised_newest(self) -> torch.Tensor:
@@ -466,11 +467,26 @@ class WorldRuntime:
         return self.denoiser.denoise_latest(xw, aw, frame_mask=None if bool(mw.all()) else mw)
 
     @torch.no_grad()
-    def step(self, actions: Any) -> WorldStep:
+    def newest_frames(self) -> np.ndarray:
+        """The newest frame of every world as served: denoised (when the sampler denoises), uint8 [B, h, w, C].
+
+        The same pixels :meth:`step` returns, computed from the generation state, so a caller that does
+        not look at every frame (a latent-observation agent) can skip the denoiser with
+        ``step(..., frames=False)`` and still render the current frame. For a world whose newest frame is
+        reset context this is that context frame after the sigma-noise and the denoiser, not the input.
+        """
+        if self.state is None:
+            raise RuntimeError("WorldRuntime.newest_frames called before reset()")
+        return self.codec.decode(self._denoised_newest()).movedim(-3, -1).cpu().numpy()
+
+    @torch.no_grad()
+    def step(self, actions: Any, frames: bool = True) -> WorldStep:
         """Generate the next frame of every world given ``actions`` (int [B] or float [B, A]).
 
         Deep-block inversion (``sampler.method``: block Jacobi or exact sequential), shallow inversion,
-        the one-step denoiser, then uint8. One batched call for all B worlds.
+        the one-step denoiser, then uint8. One batched call for all B worlds. ``frames=False`` skips the
+        denoiser and the uint8 frames (``WorldStep.frames`` is None; :meth:`newest_frames` gives them
+        until the next step); everything else, the generation state included, is unchanged.
         """
         a = self._actions_to_model(actions, (self.batch_size,), "actions")
         self._ensure_room()
@@ -479,10 +495,9 @@ class WorldRuntime:
             self.state, a, generator=self.generator, method=s.method, jacobi=s.jacobi,
             cfg_scale=s.cfg, temperature=s.temperature,
         )
-        frames = self.codec.decode(self._denoised_newest()).movedim(-3, -1)
         term = torch.sigmoid(sample.termination_logit.float())
         return WorldStep(
-            frames=frames.cpu().numpy(),
+            frames=self.newest_frames() if frames else None,
             rewards=self.flow.reward_value(sample.reward).float().cpu().numpy(),
             termination_prob=term.cpu().numpy(),
             terminations=(term > 0.5).cpu().numpy(),

@@ -65,6 +65,32 @@ def test_latent_features_must_agree_with_a_given_runtime(ckpts):
                  latent_features="mean")
 
 
+def test_latent_mode_decodes_frames_only_when_looked_at(ckpts):
+    """A latent env skips the denoiser on its steps (lazy_frames); frames() and render() still show the
+    newest frame, the same pixels a pixel env with the same seed serves, and a reset row shows its context."""
+    lat = DreamVectorEnv(num_envs=3, checkpoint=ckpts["plain"], obs_mode="latent", render_mode="rgb_array")
+    pix = DreamVectorEnv(num_envs=3, checkpoint=ckpts["plain"], obs_mode="pixels")
+    assert lat.core.lazy_frames and not pix.core.lazy_frames
+    lat.reset(seed=4)
+    pix.reset(seed=4)
+    np.testing.assert_array_equal(lat.core.frames(), pix.core.frames())
+    for t in range(5):
+        act = np.array([0, 1, t % 2])
+        lat.step(act)
+        pixel_obs, *_ = pix.step(act)
+        assert lat.core.stale.all()
+        if t in (1, 4):  # looked at after some unlooked-at steps
+            np.testing.assert_array_equal(lat.core.frames(), pixel_obs)
+            assert not lat.core.stale.any()
+    np.testing.assert_array_equal(np.stack(lat.render()), pixel_obs)
+    lat.step(np.zeros(3, np.int64))
+    pix.step(np.zeros(3, np.int64))
+    info_l, info_p = lat.core.reset_rows(np.array([1])), pix.core.reset_rows(np.array([1]))
+    assert lat.core.stale.tolist() == [True, False, True]
+    np.testing.assert_array_equal(lat.core.frames(), pix.core.frames())
+    np.testing.assert_array_equal(info_l["log_likelihood"], info_p["log_likelihood"])
+
+
 def test_observations_are_at_the_model_frame_size(ckpts):
     env = DreamEnv(checkpoint=ckpts["stored32"], render_mode="rgb_array")
     obs, info = env.reset(seed=0)
@@ -338,8 +364,8 @@ def test_time_scaled_step_ends_if_any_frame_ends_and_averages_rewards(ckpts):
     core.reset_rows(np.arange(2))
     step, calls = core.runtime.step, []
 
-    def scripted(actions):
-        out = step(actions)
+    def scripted(actions, **kwargs):
+        out = step(actions, **kwargs)
         first = len(calls) % 2 == 0
         calls.append(first)
         return replace(out, termination_prob=np.array([0.9 if first else 0.0, 0.0], np.float32),

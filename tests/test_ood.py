@@ -248,6 +248,22 @@ def test_monitor_scores_reset_contexts_against_the_context_band(calibrated):
     assert old_mon.context_threshold == pytest.approx(entry["scores"]["real"]["typicality"]["threshold"])
 
 
+def test_only_complexity_scores_need_the_step_frames(calibrated):
+    """A latent env may step without frames (lazy decoding) unless its calibrated score reads pixels."""
+    entry = calibrated["entry"]
+    frames, pos = np.zeros((1, 4, 4, 3), np.uint8), np.array([3])
+    for score in ("nll", "typicality", "window", "complexity", "complexity_diff"):
+        mon = O.OODMonitor(entry, 1, score=score)
+        assert mon.needs_frames == score.startswith("complexity")
+        if mon.needs_frames:
+            with pytest.raises(ValueError, match="needs the step's frames"):
+                mon.step(-np.ones(1), None, pos)
+        else:
+            assert mon.step(-np.ones(1), None, pos)["ood_score"].shape == (1,)
+        assert mon.step(-np.ones(1), frames, pos)["ood_score"].shape == (1,)
+    assert not O.OODMonitor(None, 1, score="complexity").needs_frames  # uncalibrated: the raw NLL
+
+
 def test_uncalibrated_monitor_and_bad_score():
     mon = O.OODMonitor(None, 2)
     r = mon.reset_rows(np.arange(2), -np.ones((2, 3)), np.zeros((2, 3, 4, 4, 3), np.uint8))

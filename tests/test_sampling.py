@@ -241,6 +241,9 @@ def test_window_reencode(skip):
     clip = torch.stack([x[:, 2], s.x_tilde], 1)
     direct, out_direct = m.flow.encode_context(clip, acts[:, None])
     assert torch.allclose(out.nll, out_direct.nll, atol=1e-10, rtol=0)
+    lean, lean_out = m.flow.reencode(state, keep=2, heads=False)  # the runtime's: no transition heads
+    assert lean_out.reward is None and lean_out.termination_logit is None and out.reward is not None
+    assert torch.equal(lean.cache.k, window.cache.k) and torch.equal(lean_out.nll, out.nll)
     s_w = m.flow.generate_frame(window, acts, noise=v2, method="sequential")
     s_d = m.flow.generate_frame(direct, acts, noise=v2, method="sequential")
     assert torch.equal(s_w.x_tilde, s_d.x_tilde)

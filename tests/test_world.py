@@ -114,6 +114,29 @@ def test_seeded_rollouts_reproduce_bit_for_bit(tiny):
     assert any(not np.array_equal(x, y) for x, y in zip(a, c)), "another seed gave the same rollout"
 
 
+def test_step_without_frames_skips_only_the_pixels(tiny):
+    """step(frames=False) returns no frames; newest_frames() gives the ones step would have returned, and
+    the rollout (likelihood, features, heads, later frames) is the same as with frames, bit for bit."""
+    frames, actions = context(2, 3)
+    full = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2, seed=5)
+    lazy = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=2, seed=5)
+    full.reset(frames, actions)
+    lazy.reset(frames, actions)
+    for t in range(18):  # past the bounded window (16 frames), so a re-encode happens in between
+        act = np.array([t % 2, 1])
+        a, b = full.step(act), lazy.step(act, frames=t % 3 == 0)
+        for name in ("log_likelihood", "features", "rewards", "termination_prob", "jacobi_iterations"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        if t % 3:
+            assert b.frames is None
+        else:
+            np.testing.assert_array_equal(a.frames, b.frames)
+        np.testing.assert_array_equal(lazy.newest_frames(), a.frames)
+    assert full.reencodes == lazy.reencodes >= 1
+    with pytest.raises(RuntimeError, match="before reset"):
+        WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=1).newest_frames()
+
+
 def test_long_rollout_has_flat_memory_and_no_nan(tiny):
     rt = WorldRuntime.from_checkpoint(tiny["micro"], batch_size=1, context_window=4, reencode_keep=2, seed=0)
     frames, actions = context(1, 2)  # 16x16, area-resized to the model's 8x8
