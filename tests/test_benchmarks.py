@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,40 @@ def test_env_throughput_rejects_an_unknown_obs_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--obs-modes", "pixels,rgb", "--output", str(tmp_path / "tp")])
     assert "--obs-modes" in capsys.readouterr().err
+
+
+def test_dream_fidelity_runs_a_saved_latent_policy_closed_loop(tmp_path, monkeypatch):
+    """--policies: a saved SB3 latent policy plays the dream and the real env (cut at the horizon); one row per
+    policy and threshold; --skip-open-loop drops the fixed policies; a missing file is named."""
+    from dream_fixtures import make_tiny_checkpoint
+    from stable_baselines3 import PPO
+
+    from sfv_world.datasets import RandomPolicy, collect
+    from sfv_world.envs.sb3 import DreamSB3VecEnv
+    from sfv_world.envs.sources import make_source_env
+
+    env = make_source_env({"id": "CartPole-v1", "frame_source": "render", "kwargs": {}})
+    collect(env, tmp_path / "cartpole", RandomPolicy(env.action_space, seed=0), episodes=3, frame_size=32,
+            progress=False)
+    env.close()
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt.pt", tmp_path / "cartpole", termination_bias=-3.0)
+    venv = DreamSB3VecEnv(ckpt, num_envs=2, obs_mode="latent", horizon=5)
+    PPO("MlpPolicy", venv, n_steps=8, batch_size=8, seed=0, device="cpu").save(tmp_path / "policy.zip")
+    venv.close()
+
+    bench = load_benchmark("dream_fidelity")
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
+    bench.main(["--checkpoint", str(ckpt), "--policies", str(tmp_path / "policy.zip"), "--skip-open-loop",
+                "--episodes", "3", "--horizon", "4", "--num-envs", "2", "--termination-threshold", "0.5",
+                "--termination-threshold", "0.1", "--name", "closed"])
+    rows = json.loads((tmp_path / "results" / "closed.json").read_text())["rows"]
+    assert [(r["policy"], r["termination_threshold"]) for r in rows] == [(str(tmp_path / "policy.zip"), 0.5),
+                                                                        (str(tmp_path / "policy.zip"), 0.1)]
+    for r in rows:
+        assert 1 <= r["real_mean_length"] <= 4 and 1 <= r["dream_mean_length"] <= 4  # both cut at the horizon
+    bench_dream, _ = bench.dream_lengths(str(ckpt), PPO.load(tmp_path / "policy.zip", device="cpu"), 99, 4, 0, 2,
+                                         "threshold", None, 0.5)
+    assert bench_dream.shape == (2,) and ((1 <= bench_dream) & (bench_dream <= 4)).all()  # each world's first
+    assert rows[0]["real_mean_length"] == rows[1]["real_mean_length"]  # one real measurement per policy
+    with pytest.raises(SystemExit, match="--policies: .*absent.zip: no such file"):
+        bench.main(["--checkpoint", str(ckpt), "--policies", str(tmp_path / "absent.zip")])
