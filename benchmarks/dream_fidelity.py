@@ -14,8 +14,9 @@ episodes when they outnumber the worlds (the recorded results were measured so).
 ``sfv_world.agents.fidelity``, takes each world's first episode instead.
 
 ``--policies a.zip,b.zip`` adds closed-loop rows: each saved SB3 latent-observation policy (deterministic
-actions) in the same dream (each world's first episode) and in ``--episodes`` real episodes from pixels (``agents.evaluation.evaluate_real``, features
-from the checkpoint's forward pass over the real frames, real lengths cut at the horizon). Open-loop
+actions) in the same dream (each world's first episode) and in ``--episodes`` real episodes from pixels
+(``agents.evaluation.evaluate_real``: features from the checkpoint's forward pass over the real frames, real
+lengths cut at the horizon). Open-loop
 policies end episodes within ~25 steps; a trained agent shows whether the dream ends *long* episodes
 where the real env does (a dream harsher than the real env caps what an agent can learn in it).
 """
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                                                   "mean features): closed-loop rows")
     p.add_argument("--skip-open-loop", action="store_true", help="only the --policies rows")
     p.add_argument("--algo", default="ppo", help="SB3 algorithm of --policies")
-    p.add_argument("--dataset", default=None, help="dream contexts from this dataset folder (default: the checkpoint's own)")
+    p.add_argument("--dataset", default=None,
+                   help="dream contexts from this dataset folder (default: the checkpoint's own)")
     args = p.parse_args(argv)
     sampler = None if args.temperature is None else {"temperature": args.temperature}
     if not Path(args.checkpoint).is_file():
@@ -179,9 +181,9 @@ def main(argv: list[str] | None = None) -> None:
             dream, rate = dream_lengths(args.checkpoint, policy, args.episodes, args.horizon, args.seed,
                                         args.num_envs, args.termination, sampler, threshold, args.dataset)
             rows.append(length_row(policy, threshold, real, dream, args.horizon, rate))
+    kinds = "trained policies" if args.skip_open_loop else "fixed and trained policies" if paths else "fixed policies"
     write_results(
-        args.name, rows, title="Dream episode lengths vs the real env under " + ("trained policies" if args.skip_open_loop
-                                                                                 else "fixed policies"),
+        args.name, rows, title="Dream episode lengths vs the real env under " + kinds,
         config=vars(args),
         compares=(f"{args.episodes} episodes per policy ({args.num_envs}, each world's first, for a trained "
                   f"policy's dream), truncated at {args.horizon} steps; dream: "
