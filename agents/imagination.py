@@ -78,6 +78,8 @@ class AgentSettings:
     action_noise: float = 0.0  # probability that the dream executes a uniformly random action instead of the agent's
     obs_noise: float = 0.0  # latent: Gaussian noise added to the dream's features, in units of each feature's std
     time_scale: float = 1.0  # dream frames per agent step, on average (>= 1; see DreamCore: 1 / the dream's motion gain)
+    termination_penalty: float = 0.0  # c in [0, 1]: each imagined reward loses c * sigmoid(termination logit / T)
+    termination_penalty_temperature: float = 10.0  # T > 0 (see TerminationPenaltyVecEnv)
     snapshot_every: int | None = None  # save the policy to snapshots/<steps>.zip every this many steps (None: never)
     ensemble_snapshots: int | None = None  # the agent is the ensemble of its last K snapshots (None: the last policy)
     dataset: str | None = None  # dataset folder the dream draws reset context from (None: the checkpoint's)
@@ -113,6 +115,12 @@ class AgentSettings:
                 1.0 <= float(self.time_scale) < 16):
             raise ValueError(f"agent.time_scale must be a number in [1, 16) (dream frames per agent step), got "
                              f"{self.time_scale!r}")
+        c, temp = self.termination_penalty, self.termination_penalty_temperature
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= float(c) <= 1.0:
+            raise ValueError(f"agent.termination_penalty must be a number in [0, 1] (above 1 a step near the end could "
+                             f"pay less than ending the episode), got {c!r}")
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not 0.0 < float(temp) < float("inf"):
+            raise ValueError(f"agent.termination_penalty_temperature must be a finite number > 0, got {temp!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"agent.seeds must be an integer >= 1, got {self.seeds!r}")
         if self.seeds > 1 and self.ensemble_snapshots is not None:
@@ -182,6 +190,37 @@ class RandomActionVecEnv(VecEnvWrapper):
 
     def step_wait(self):
         return self.venv.step_wait()
+
+    def reset(self):
+        return self.venv.reset()
+
+
+class TerminationPenaltyVecEnv(VecEnvWrapper):
+    """Imagined rewards minus ``c * sigmoid(logit / T)``, the termination head's danger at temperature T.
+
+    The dream ends an episode only once the head's probability passes the threshold, so a policy
+    that keeps the pole at a steady small tilt loses nothing there, although real physics would make
+    that tilt grow (the dream's pole falls slower than the real one). The head's logit is graded far
+    below the threshold: on real CartPole frames it rises from about -31 upright to -24 at 5 degrees
+    and -4 at 11 degrees. A temperature T > 1 turns it into a penalty that grows smoothly with the
+    danger (T = 10: 0.04 upright, 0.08 at 5 degrees, 0.4 at 11), so the policy is paid to stay upright,
+    not just alive. ``c <= 1`` keeps every step's reward >= 0 for a reward of 1, so ending an episode
+    never pays. Reads ``infos[i]["termination_logit"]`` (float) of a dream VecEnv; rewards float32 [N].
+    Wrap it outside ``VecMonitor``, which then logs the unshaped imagined returns.
+    """
+
+    def __init__(self, venv, c: float, temperature: float):
+        super().__init__(venv)
+        self.c, self.temperature = float(c), float(temperature)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self.venv.step_async(actions)
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        logit = np.array([info["termination_logit"] for info in infos], dtype=np.float64)
+        danger = 1.0 / (1.0 + np.exp(-logit / self.temperature))
+        return obs, (rewards - self.c * danger).astype(np.float32), dones, infos
 
     def reset(self):
         return self.venv.reset()
@@ -332,6 +371,26 @@ class RealEvalCallback(BaseCallback):
         return self.run_eval()
 
 
+def training_env(venv, settings: AgentSettings, std: np.ndarray | None = None):
+    """The dream vec env as the learner sees it: ``VecMonitor`` (unshaped imagined returns, after OOD
+    truncation where ``agent.ood_truncate``), then the termination penalty, feature noise (``std``: float32
+    [D], the policy's standardization) and action noise that the settings ask for."""
+    if settings.ood_truncate:
+        from sfv_world.envs.ood import OODTruncationVecEnv
+
+        monitored = VecMonitor(OODTruncationVecEnv(venv))
+    else:
+        monitored = VecMonitor(venv)
+    if settings.termination_penalty > 0:
+        monitored = TerminationPenaltyVecEnv(monitored, settings.termination_penalty,
+                                             settings.termination_penalty_temperature)
+    if settings.obs_noise > 0:
+        monitored = FeatureNoiseVecEnv(monitored, std, settings.obs_noise, seed=settings.seed)
+    if settings.action_noise > 0:
+        monitored = RandomActionVecEnv(monitored, settings.action_noise, seed=settings.seed)
+    return monitored
+
+
 def latent_feature_stats(venv, steps: int = 16, seed: int = 0, min_std: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std (float32 [D] each) of a latent dream vec env's observations.
 
@@ -400,16 +459,7 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
                          "features_extractor_kwargs": {"mean": mean.tolist(), "std": std.tolist()}}
     elif settings.obs_noise > 0:  # resuming: the noise follows the stats the policy was built with
         std = np.asarray(cls.load(ckpt, device="cpu").policy.features_extractor.std.cpu().numpy(), np.float32)
-    if settings.ood_truncate:
-        from sfv_world.envs.ood import OODTruncationVecEnv
-
-        monitored = VecMonitor(OODTruncationVecEnv(venv))
-    else:
-        monitored = VecMonitor(venv)
-    if settings.obs_noise > 0:
-        monitored = FeatureNoiseVecEnv(monitored, std, settings.obs_noise, seed=settings.seed)
-    if settings.action_noise > 0:
-        monitored = RandomActionVecEnv(monitored, settings.action_noise, seed=settings.seed)
+    monitored = training_env(venv, settings, std if settings.obs_noise > 0 else None)
     if ckpt.exists():
         model = cls.load(ckpt, env=monitored, device="cpu", tensorboard_log=str(out / "tb"))
         print(f"[agent] resuming from {ckpt} at {model.num_timesteps} steps")

@@ -51,7 +51,9 @@ class ReencodingRuntime(WorldRuntime):
         self.state, out = self.flow.encode_context(x_all, a_all, m_all, cfg=st.cfg, capacity=self.context_window)
         term = torch.sigmoid(out.termination_logit[:, -1].float())
         return WorldStep(frames=frames, rewards=self.flow.reward_value(out.reward[:, -1]).float().cpu().numpy(),
-                         termination_prob=term.cpu().numpy(), terminations=(term > 0.5).cpu().numpy(),
+                         termination_prob=term.cpu().numpy(),
+                         termination_logit=out.termination_logit[:, -1].float().cpu().numpy(),
+                         terminations=(term > 0.5).cpu().numpy(),
                          log_likelihood=self._bits(out.nll[:, -1]), jacobi_iterations=np.zeros(B, dtype=np.int64),
                          features=out.features[:, -1].float().cpu().numpy())
 

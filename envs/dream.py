@@ -16,8 +16,9 @@ sampled from the train split of the checkpoint's dataset (read through ``sfv_wor
 ``reset(options={"frames": ..., "actions": ...})``; one image is enough. It terminates when the
 termination head's probability exceeds ``termination_threshold`` (or, with ``termination="sample"``,
 with that probability) and is truncated after ``horizon``
-steps. ``info`` holds ``log_likelihood`` (bits/dim of the newest frame), ``jacobi_iterations``, and
-``ood_score`` / ``ood`` (``sfv_world.ood.OODMonitor`` with the checkpoint's calibration; reset infos carry the
+steps. ``info`` holds ``log_likelihood`` (bits/dim of the newest frame), ``jacobi_iterations``,
+``termination_logit`` (the termination head's log-odds: a graded measure of danger far below the
+threshold, ``agent.termination_penalty``), and ``ood_score`` / ``ood`` (``sfv_world.ood.OODMonitor`` with the checkpoint's calibration; reset infos carry the
 context's score).
 """
 
@@ -183,7 +184,8 @@ class DreamCore:
             time_scale = 1/g: each step advances floor(s) frames, or one more with probability
             s - floor(s) (drawn once per step for the whole batch, from the seeded env RNG), under the
             same action. The step's reward is the mean over its frames (a rate per real step), it
-            terminates if any of its frames does, and log_likelihood is its last frame's.
+            terminates if any of its frames does, log_likelihood is its last frame's, and
+            termination_logit the largest of its frames'.
     """
 
     def __init__(
@@ -422,10 +424,12 @@ class DreamCore:
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
         iterations = np.zeros(self.num_envs, dtype=np.int64)
+        logit = np.full(self.num_envs, -np.inf, dtype=np.float32)
         for _ in range(frames):
             out, term = self._advance(actions)
             rewards += out.rewards
             terminated |= term
+            logit = np.maximum(logit, out.termination_logit.astype(np.float32))
             iterations += out.jacobi_iterations.astype(np.int64)
             ood = self.ood.step(out.log_likelihood, out.frames, frame_positions(self.runtime))
         self.steps += 1
@@ -433,6 +437,7 @@ class DreamCore:
         info = {
             "log_likelihood": out.log_likelihood.astype(np.float32),
             "jacobi_iterations": iterations,
+            "termination_logit": logit,
             **ood,
         }
         return self.observations(), (rewards / frames).astype(np.float32), terminated, truncated, info
@@ -488,6 +493,7 @@ class DreamEnv(gym.Env):
             bool(term[0]),
             bool(trunc[0]),
             {"log_likelihood": float(info["log_likelihood"][0]), "jacobi_iterations": int(info["jacobi_iterations"][0]),
+             "termination_logit": float(info["termination_logit"][0]),
              "ood_score": float(info["ood_score"][0]), "ood": bool(info["ood"][0])},
         )
 

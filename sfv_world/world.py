@@ -128,6 +128,8 @@ class WorldStep:
                                           ``step(..., frames=False)`` (see :meth:`WorldRuntime.newest_frames`)
     rewards           float32 [B]         predicted reward of the transition
     termination_prob  float32 [B]         sigmoid of the termination head
+    termination_logit float32 [B]         the termination head's logit (log-odds; informative far below
+                                          the decision threshold, where termination_prob is ~0)
     terminations      bool [B]            termination_prob > 0.5
     log_likelihood    float32 [B]         log-likelihood of the new frame, bits/dim (see WorldReset)
     jacobi_iterations int64 [B]           deep-block Jacobi iterations (0 for observe)
@@ -137,6 +139,7 @@ class WorldStep:
     frames: np.ndarray | None
     rewards: np.ndarray
     termination_prob: np.ndarray
+    termination_logit: np.ndarray
     terminations: np.ndarray
     log_likelihood: np.ndarray
     jacobi_iterations: np.ndarray
@@ -500,6 +503,7 @@ class WorldRuntime:
             frames=self.newest_frames() if frames else None,
             rewards=self.flow.reward_value(sample.reward).float().cpu().numpy(),
             termination_prob=term.cpu().numpy(),
+            termination_logit=sample.termination_logit.float().cpu().numpy(),
             terminations=(term > 0.5).cpu().numpy(),
             log_likelihood=self._bits(sample.nll),
             jacobi_iterations=sample.iterations.to(torch.int64).cpu().numpy(),
@@ -527,6 +531,7 @@ class WorldRuntime:
             frames=self.codec.decode(x).movedim(-3, -1).cpu().numpy(),
             rewards=self.flow.reward_value(out.reward).float().cpu().numpy(),
             termination_prob=term.cpu().numpy(),
+            termination_logit=out.termination_logit.float().cpu().numpy(),
             terminations=(term > 0.5).cpu().numpy(),
             log_likelihood=self._bits(out.nll),
             jacobi_iterations=np.zeros(B, dtype=np.int64),

@@ -202,6 +202,70 @@ def test_obs_noise_perturbs_latent_observations_by_the_feature_std():
         small(obs_noise=0.5).validate()
 
 
+def test_termination_penalty_subtracts_the_tempered_head_probability(cartpole):
+    """agent.termination_penalty=c: each imagined reward loses c * sigmoid(logit / T) of that step's
+    termination logit; the unwrapped env's rewards and everything else are unchanged."""
+    from sfv_world.agents.imagination import TerminationPenaltyVecEnv
+    from sfv_world.envs.sb3 import DreamSB3VecEnv
+
+    def run(c, temperature):
+        venv = DreamSB3VecEnv(cartpole["ckpt"], num_envs=4, obs_mode="latent", horizon=16)
+        if c is not None:
+            venv = TerminationPenaltyVecEnv(venv, c, temperature)
+        venv.seed(5)
+        obs, out = [venv.reset()], []
+        for t in range(20):
+            o, r, d, infos = venv.step(np.array([t % 2, 1, 0, (t // 3) % 2]))
+            obs.append(o)
+            out.append((r, d, np.array([i["termination_logit"] for i in infos])))
+        return np.stack(obs), out
+
+    obs_raw, raw = run(None, None)
+    obs_pen, pen = run(0.7, 4.0)
+    np.testing.assert_array_equal(obs_raw, obs_pen)
+    for (r, d, logit), (rp, dp, logit_p) in zip(raw, pen, strict=True):
+        np.testing.assert_array_equal(d, dp)
+        np.testing.assert_array_equal(logit, logit_p)
+        assert rp.dtype == np.float32
+        np.testing.assert_allclose(rp, r - 0.7 / (1 + np.exp(-logit / 4.0)), rtol=1e-5, atol=1e-6)
+    assert any((rp < r).all() for (r, _, _), (rp, _, _) in zip(raw, pen))
+    for bad in (1.5, -0.1, True, "1"):
+        with pytest.raises(ValueError, match="agent.termination_penalty must"):
+            small(termination_penalty=bad).validate()
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="agent.termination_penalty_temperature"):
+            small(termination_penalty_temperature=bad).validate()
+
+
+def test_the_learner_sees_the_penalty_and_the_monitor_logs_unshaped_returns(cartpole):
+    """training_env: VecMonitor sits inside the termination penalty, so imagined returns are the dream's."""
+    from sfv_world.agents.imagination import training_env
+    from sfv_world.envs.sb3 import DreamSB3VecEnv
+
+    settings = small(obs_mode="latent", termination_penalty=0.8, termination_penalty_temperature=6.0, horizon=5)
+    venv = training_env(DreamSB3VecEnv(cartpole["ckpt"], num_envs=3, obs_mode="latent", horizon=5), settings)
+    venv.seed(1)
+    venv.reset()
+    shaped, penalty, episodes = np.zeros(3), np.zeros(3), 0
+    for t in range(12):
+        _, r, d, infos = venv.step(np.array([t % 2, 0, 1]))
+        shaped += r
+        penalty += [0.8 / (1 + np.exp(-i["termination_logit"] / 6.0)) for i in infos]
+        for i in np.flatnonzero(d):
+            np.testing.assert_allclose(infos[i]["episode"]["r"], shaped[i] + penalty[i], rtol=1e-4, atol=1e-4)
+            assert penalty[i] > 0
+            shaped[i] = penalty[i] = 0
+            episodes += 1
+    assert episodes >= 3
+
+
+def test_ppo_trains_with_a_termination_penalty(cartpole, tmp_path):
+    settings = small(obs_mode="latent", termination_penalty=1.0, total_timesteps=128, eval_every=128, horizon=8)
+    result = train_in_imagination(cartpole["ckpt"], CARTPOLE, tmp_path, settings)
+    assert result["settings"]["termination_penalty"] == 1.0 and result["dream_steps"] == 128
+    assert np.isfinite(result["real_return_mean"]) and np.isfinite(result["imagined_return_mean"])
+
+
 def test_ppo_trains_with_obs_noise_in_a_latent_dream(cartpole, tmp_path):
     """A latent agent trains with agent.obs_noise; a resumed run rebuilds the noise from its policy's stats."""
     settings = small(obs_mode="latent", obs_noise=0.5, total_timesteps=128, eval_every=128)

@@ -387,3 +387,31 @@ def test_fractional_time_scale_draws_frames_per_step(ckpts):
     for bad in (0.5, True, float("nan"), "2", 16):
         with pytest.raises(ValueError, match="time_scale must be a number in"):
             DreamEnv(checkpoint=ckpts["plain"], time_scale=bad)
+
+
+def test_termination_logit_in_info_is_the_largest_over_a_steps_frames(ckpts):
+    """info["termination_logit"] (float32 [N]) is the head's log-odds; a time-scaled step reports its largest frame's."""
+    from dataclasses import replace
+
+    venv = DreamSB3VecEnv(ckpts["plain"], num_envs=2, horizon=50)
+    venv.seed(0)
+    venv.reset()
+    _, _, _, infos = venv.step(np.zeros(2, np.int64))
+    assert all(isinstance(i["termination_logit"], float) and np.isfinite(i["termination_logit"]) for i in infos)
+
+    core = DreamVectorEnv(num_envs=2, checkpoint=ckpts["never_ends"], horizon=50, time_scale=2).core
+    core.seed(0)
+    core.reset_rows(np.arange(2))
+    step, calls = core.runtime.step, []
+
+    def scripted(actions, **kwargs):
+        out = step(actions, **kwargs)
+        calls.append(len(calls))
+        logit = np.array([-3.0, -9.0] if len(calls) == 1 else [-7.0, -1.0], np.float32)
+        return replace(out, termination_logit=logit)
+
+    core.runtime.step = scripted
+    *_, info = core.step(np.zeros(2, np.int64))
+    assert calls == [0, 1]
+    assert info["termination_logit"].dtype == np.float32
+    np.testing.assert_array_equal(info["termination_logit"], [-3.0, -1.0])
