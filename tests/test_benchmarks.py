@@ -80,3 +80,42 @@ def test_dream_fidelity_runs_a_saved_latent_policy_closed_loop(tmp_path, monkeyp
     assert rows[0]["real_mean_length"] == rows[1]["real_mean_length"]  # one real measurement per policy
     with pytest.raises(SystemExit, match="--policies: .*absent.zip: no such file"):
         bench.main(["--checkpoint", str(ckpt), "--policies", str(tmp_path / "absent.zip")])
+
+
+def test_termination_logit_bins_real_steps_by_the_true_pole_angle(tmp_path, monkeypatch):
+    """Random or policy actions on real CartPole; each live step's logit lands in its |theta| bin; bad input named."""
+    import numpy as np
+    from dream_fixtures import make_tiny_checkpoint
+    from stable_baselines3 import PPO
+
+    from sfv_world.datasets import RandomPolicy, collect
+    from sfv_world.envs.sb3 import DreamSB3VecEnv
+    from sfv_world.envs.sources import make_source_env
+
+    env = make_source_env({"id": "CartPole-v1", "frame_source": "render", "kwargs": {}})
+    collect(env, tmp_path / "cartpole", RandomPolicy(env.action_space, seed=0), episodes=2, frame_size=32,
+            progress=False)
+    env.close()
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt.pt", tmp_path / "cartpole", termination_bias=-3.0)
+    venv = DreamSB3VecEnv(ckpt, num_envs=2, obs_mode="latent", horizon=5)
+    PPO("MlpPolicy", venv, n_steps=8, batch_size=8, seed=0, device="cpu").save(tmp_path / "policy.zip")
+    venv.close()
+
+    bench = load_benchmark("termination_logit")
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
+    bench.main(["--checkpoint", str(ckpt), "--episodes", "3", "--max-steps", "40", "--temperature", "10",
+                "--temperature", "4", "--name", "random"])
+    out = json.loads((tmp_path / "results" / "random.json").read_text())
+    rows = out["rows"]
+    assert rows and sum(r["steps"] for r in rows) == out["config"]["live_steps"] > 3
+    for r in rows:
+        assert r["logit_q10"] <= r["logit_median"] <= r["logit_q90"]
+        assert r["penalty_T10_at_median"] == pytest.approx(1 / (1 + np.exp(-r["logit_median"] / 10)), abs=2e-3)
+        assert "penalty_T4_at_median" in r
+    bench.main(["--checkpoint", str(ckpt), "--policy", str(tmp_path / "policy.zip"), "--episodes", "2",
+                "--max-steps", "10", "--name", "policy"])
+    assert json.loads((tmp_path / "results" / "policy.json").read_text())["rows"]
+    with pytest.raises(SystemExit, match="--policy .*absent.zip: no such file"):
+        bench.main(["--checkpoint", str(ckpt), "--policy", str(tmp_path / "absent.zip")])
+    with pytest.raises(SystemExit, match="--epsilon 2.0"):
+        bench.main(["--checkpoint", str(ckpt), "--epsilon", "2"])
