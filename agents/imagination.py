@@ -219,7 +219,7 @@ class TerminationPenaltyVecEnv(VecEnvWrapper):
     def step_wait(self):
         obs, rewards, dones, infos = self.venv.step_wait()
         logit = np.array([info["termination_logit"] for info in infos], dtype=np.float64)
-        danger = 1.0 / (1.0 + np.exp(-logit / self.temperature))
+        danger = 0.5 * (1.0 + np.tanh(logit / (2.0 * self.temperature)))  # sigmoid(logit / T), no overflow
         return obs, (rewards - self.c * danger).astype(np.float32), dones, infos
 
     def reset(self):
