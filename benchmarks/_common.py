@@ -86,3 +86,18 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], *, title: str, conf
     print(table)
     print(f"\nwrote {json_path} and {md_path}")
     return json_path, md_path
+
+
+def cartpole_view(runtime, checkpoint: str, why: str):
+    """(latent ``ObservationSpec``, real CartPole-v1 env config with the dataset's crop and strips) of a
+    ``WorldRuntime``; exits naming ``checkpoint`` if its dataset is not CartPole-v1 (``why`` says what needs it)."""
+    from omegaconf import OmegaConf
+    from sfv_world.agents.evaluation import ObservationSpec
+
+    env_id = runtime.dataset_meta.get("env_id", "CartPole-v1")
+    if env_id != "CartPole-v1":
+        raise SystemExit(f"--checkpoint {checkpoint}: trained on {env_id!r}; {why} needs CartPole-v1")
+    spec = ObservationSpec.from_runtime(runtime, "latent", 1)
+    env_cfg = OmegaConf.create({"name": "cartpole", "id": "CartPole-v1", "frame_source": "render", "kwargs": {},
+                                **spec.view_config()})
+    return spec, env_cfg

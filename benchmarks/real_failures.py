@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results
+from _common import cartpole_view, write_results
 
 THETA_LIMIT = 12 * 2 * math.pi / 360  # CartPole-v1's termination angle (rad)
 X_LIMIT = 2.4
@@ -41,8 +41,7 @@ def cause(x: float, theta: float) -> str:
 
 
 def main() -> None:
-    from omegaconf import OmegaConf
-    from sfv_world.agents.evaluation import ObservationSpec, evaluate_real
+    from sfv_world.agents.evaluation import evaluate_real
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.policy_io import policy_input
     from sfv_world.world import WorldRuntime
@@ -63,12 +62,7 @@ def main() -> None:
             raise SystemExit(f"--policies: {path}: no such file")
 
     runtime = WorldRuntime.from_checkpoint(args.checkpoint, batch_size=1, seed=args.seed)
-    if runtime.dataset_meta.get("env_id", "CartPole-v1") != "CartPole-v1":
-        raise SystemExit(f"--checkpoint {args.checkpoint}: trained on {runtime.dataset_meta.get('env_id')!r}; "
-                         f"the failure causes need CartPole-v1")
-    spec = ObservationSpec.from_runtime(runtime, "latent", 1)
-    env_cfg = OmegaConf.create({"name": "cartpole", "id": "CartPole-v1", "frame_source": "render", "kwargs": {},
-                                **spec.view_config()})
+    spec, env_cfg = cartpole_view(runtime, args.checkpoint, "the failure causes")
     cls = algo_class(args.algo)
     rows = []
     for path in paths:

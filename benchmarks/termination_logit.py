@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results
+from _common import cartpole_view, write_results
 
 BINS_DEG = (0, 1, 2, 4, 6, 8, 10, 12)
 
@@ -70,8 +70,6 @@ def collect_logits(runtime, env_cfg, spec, policy, episodes: int, epsilon: float
 
 
 def main(argv: list[str] | None = None) -> None:
-    from omegaconf import OmegaConf
-    from sfv_world.agents.evaluation import ObservationSpec
     from sfv_world.agents.policies import algo_class
     from sfv_world.apps.policy_io import policy_input
     from sfv_world.world import WorldRuntime
@@ -100,12 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--temperature {temps}: each must be > 0")
 
     runtime = WorldRuntime.from_checkpoint(args.checkpoint, batch_size=1, seed=args.seed)
-    if runtime.dataset_meta.get("env_id", "CartPole-v1") != "CartPole-v1":
-        raise SystemExit(f"--checkpoint {args.checkpoint}: trained on {runtime.dataset_meta.get('env_id')!r}; "
-                         f"the pole angle needs CartPole-v1")
-    spec = ObservationSpec.from_runtime(runtime, "latent", 1)
-    env_cfg = OmegaConf.create({"name": "cartpole", "id": "CartPole-v1", "frame_source": "render", "kwargs": {},
-                                **spec.view_config()})
+    spec, env_cfg = cartpole_view(runtime, args.checkpoint, "the pole angle")
     policy = None
     if args.policy is not None:
         policy = algo_class(args.algo).load(args.policy, device="cpu")

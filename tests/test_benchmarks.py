@@ -45,9 +45,9 @@ def test_env_throughput_rejects_an_unknown_obs_mode(tmp_path, capsys):
     assert "--obs-modes" in capsys.readouterr().err
 
 
-def test_dream_fidelity_runs_a_saved_latent_policy_closed_loop(tmp_path, monkeypatch):
-    """--policies: a saved SB3 latent policy plays the dream and the real env (cut at the horizon); one row per
-    policy and threshold; --skip-open-loop drops the fixed policies; a missing file is named."""
+def cartpole_latent_policy(tmp_path: Path, episodes: int) -> Path:
+    """A random CartPole-pixels dataset of ``episodes`` episodes, a tiny world model on it (returned), and an
+    untrained latent PPO policy saved to ``tmp_path / "policy.zip"``."""
     from dream_fixtures import make_tiny_checkpoint
     from stable_baselines3 import PPO
 
@@ -56,13 +56,22 @@ def test_dream_fidelity_runs_a_saved_latent_policy_closed_loop(tmp_path, monkeyp
     from sfv_world.envs.sources import make_source_env
 
     env = make_source_env({"id": "CartPole-v1", "frame_source": "render", "kwargs": {}})
-    collect(env, tmp_path / "cartpole", RandomPolicy(env.action_space, seed=0), episodes=3, frame_size=32,
+    collect(env, tmp_path / "cartpole", RandomPolicy(env.action_space, seed=0), episodes=episodes, frame_size=32,
             progress=False)
     env.close()
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt.pt", tmp_path / "cartpole", termination_bias=-3.0)
     venv = DreamSB3VecEnv(ckpt, num_envs=2, obs_mode="latent", horizon=5)
     PPO("MlpPolicy", venv, n_steps=8, batch_size=8, seed=0, device="cpu").save(tmp_path / "policy.zip")
     venv.close()
+    return ckpt
+
+
+def test_dream_fidelity_runs_a_saved_latent_policy_closed_loop(tmp_path, monkeypatch):
+    """--policies: a saved SB3 latent policy plays the dream and the real env (cut at the horizon); one row per
+    policy and threshold; --skip-open-loop drops the fixed policies; a missing file is named."""
+    from stable_baselines3 import PPO
+
+    ckpt = cartpole_latent_policy(tmp_path, episodes=3)
 
     bench = load_benchmark("dream_fidelity")
     monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
@@ -85,21 +94,8 @@ def test_dream_fidelity_runs_a_saved_latent_policy_closed_loop(tmp_path, monkeyp
 def test_termination_logit_bins_real_steps_by_the_true_pole_angle(tmp_path, monkeypatch):
     """Random or policy actions on real CartPole; each live step's logit lands in its |theta| bin; bad input named."""
     import numpy as np
-    from dream_fixtures import make_tiny_checkpoint
-    from stable_baselines3 import PPO
 
-    from sfv_world.datasets import RandomPolicy, collect
-    from sfv_world.envs.sb3 import DreamSB3VecEnv
-    from sfv_world.envs.sources import make_source_env
-
-    env = make_source_env({"id": "CartPole-v1", "frame_source": "render", "kwargs": {}})
-    collect(env, tmp_path / "cartpole", RandomPolicy(env.action_space, seed=0), episodes=2, frame_size=32,
-            progress=False)
-    env.close()
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt.pt", tmp_path / "cartpole", termination_bias=-3.0)
-    venv = DreamSB3VecEnv(ckpt, num_envs=2, obs_mode="latent", horizon=5)
-    PPO("MlpPolicy", venv, n_steps=8, batch_size=8, seed=0, device="cpu").save(tmp_path / "policy.zip")
-    venv.close()
+    ckpt = cartpole_latent_policy(tmp_path, episodes=2)
 
     bench = load_benchmark("termination_logit")
     monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
