@@ -201,11 +201,11 @@ class TerminationPenaltyVecEnv(VecEnvWrapper):
     The dream ends an episode only once the head's probability passes the threshold, so a policy
     that keeps the pole at a steady small tilt loses nothing there, although real physics would make
     that tilt grow (the dream's pole falls slower than the real one). The head's logit is graded far
-    below the threshold: on real CartPole frames it rises from about -31 upright to -24 at 5 degrees
-    and -4 at 11 degrees. A temperature T > 1 turns it into a penalty that grows smoothly with the
-    danger (T = 10: 0.04 upright, 0.08 at 5 degrees, 0.4 at 11), so the policy is paid to stay upright,
-    not just alive. ``c <= 1`` keeps every step's reward >= 0 for a reward of 1, so ending an episode
-    never pays. Reads ``infos[i]["termination_logit"]`` (float) of a dream VecEnv; rewards float32 [N].
+    below the threshold: on real CartPole frames its median rises from -31.8 below 1 degree to -23.0
+    at 4-6 and -4.4 at 10-12 (benchmarks/results/termination_logit_s22.md). A temperature T > 1 turns
+    it into a penalty that grows smoothly with the danger (T = 10: 0.04, 0.09 and 0.39 there), so the
+    policy is paid to stay upright, not just alive. ``c <= 1`` keeps every step's reward >= 0 for a
+    reward of 1, so ending an episode never pays. Reads ``infos[i]["termination_logit"]`` (float) of a dream VecEnv; rewards float32 [N].
     Wrap it outside ``VecMonitor``, which then logs the unshaped imagined returns.
     """
 

@@ -18,8 +18,8 @@ termination head's probability exceeds ``termination_threshold`` (or, with ``ter
 with that probability) and is truncated after ``horizon``
 steps. ``info`` holds ``log_likelihood`` (bits/dim of the newest frame), ``jacobi_iterations``,
 ``termination_logit`` (the termination head's log-odds: a graded measure of danger far below the
-threshold, ``agent.termination_penalty``), and ``ood_score`` / ``ood`` (``sfv_world.ood.OODMonitor`` with the checkpoint's calibration; reset infos carry the
-context's score).
+threshold, ``agent.termination_penalty``), and ``ood_score`` / ``ood`` (``sfv_world.ood.OODMonitor``
+with the checkpoint's calibration; reset infos carry the context's score).
 """
 
 from __future__ import annotations
