@@ -100,7 +100,7 @@ def test_observations_are_at_the_model_frame_size(ckpts):
     obs, reward, terminated, truncated, info = env.step(1)
     assert obs.shape == (16, 16, 3)
     assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
-    assert set(info) == {"log_likelihood", "jacobi_iterations", "ood_score", "ood"}
+    assert set(info) == {"log_likelihood", "jacobi_iterations", "termination_logit", "ood_score", "ood"}
     np.testing.assert_array_equal(env.render(), obs)
 
 

@@ -47,12 +47,12 @@ def test_reset_and_step_shapes(tiny):
     np.testing.assert_array_equal(s.terminations, s.termination_prob > 0.5)
     assert s.termination_logit.shape == (3,) and s.termination_logit.dtype == np.float32
     np.testing.assert_allclose(1 / (1 + np.exp(-s.termination_logit.astype(np.float64))), s.termination_prob, rtol=1e-5)
-    o = rt.observe(frames[:, -1], np.array([1, 0, 1]))
-    np.testing.assert_allclose(1 / (1 + np.exp(-o.termination_logit.astype(np.float64))), o.termination_prob, rtol=1e-5)
     assert s.log_likelihood.shape == (3,) and np.isfinite(s.log_likelihood).all()
     assert s.jacobi_iterations.dtype == np.int64 and (s.jacobi_iterations >= 1).all()
     assert s.features.shape == (3, 64)
     assert rt.num_frames == 4
+    o = rt.observe(frames[:, -1], np.array([1, 0, 1]))
+    np.testing.assert_allclose(1 / (1 + np.exp(-o.termination_logit.astype(np.float64))), o.termination_prob, rtol=1e-5)
 
 
 def test_slot_features_are_the_mean_features_before_the_mean(tiny):
