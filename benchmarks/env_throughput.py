@@ -64,15 +64,18 @@ def random_cpu_demo_checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder / "random-cpu-demo.pt", payload)
 
 
-# (row name, sampler overrides). "jacobi-bj1": block Jacobi for the deep block with chunks of 1 token
-# for the shallow blocks (block_size_first=1, which only the shallow blocks and a context-free first
-# frame use): on CPU a 1-token chunk costs what a sequential step costs and is exact, while a whole-frame
-# shallow chunk recomputes every slot on every iteration.
-# "jacobi-full": every Jacobi pass over the whole batch (compact=0), for the gain of compaction.
+# (row name, sampler overrides). Since session 24 a frame after the first starts the shallow blocks'
+# Jacobi iterations from the newest frame's tokens too, in chunks of block_size (the whole frame here), so
+# block_size_first only matters for a context-free first frame, which a dream never generates.
+# "jacobi-c8" / "jacobi-c4": Gauss-Seidel over chunks of 8 / 4 tokens of every later frame (fewer slots
+# recomputed, more passes); "jacobi-full": every Jacobi pass over the whole batch (compact=0), for the gain
+# of compaction; "jacobi-cold": no warm start (neither the deep nor the shallow blocks).
 VARIANTS = {
     "jacobi": {"method": "jacobi"},
-    "jacobi-bj1": {"method": "jacobi", "block_size_first": 1},
+    "jacobi-c8": {"method": "jacobi", "block_size": 8},
+    "jacobi-c4": {"method": "jacobi", "block_size": 4},
     "jacobi-full": {"method": "jacobi", "compact": 0.0},
+    "jacobi-cold": {"method": "jacobi", "warm_start": False},
     "sequential": {"method": "sequential"},
 }
 
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default=str(RESULTS / "env_throughput"))
     ap.add_argument("--obs-modes", default="pixels",
                     help="comma-separated env observation modes to time: pixels, latent (latent skips the frame decode)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated sampler rows to time, from {', '.join(VARIANTS)}")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. how the checkpoint was trained)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -146,10 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in ("pixels", "latent")]
     if bad or not modes:
         ap.error(f"--obs-modes: expected a comma-separated list of pixels/latent, got {args.obs_modes!r}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        ap.error(f"--variants: unknown {unknown or args.variants!r}; expected a comma-separated list of {', '.join(VARIANTS)}")
     rows = []
     for mode in modes:
         for batch in [int(b) for b in args.batches.split(",")]:
-            for method in VARIANTS:
+            for method in variants:
                 r = measure(ckpt, batch, method, args.device, args.seconds, sampler, obs_mode=mode)
                 rows.append(r)
                 print(json.dumps(r), flush=True)

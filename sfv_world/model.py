@@ -496,28 +496,51 @@ class StarFlowV(nn.Module):
         m = state.history_mask[:, n - keep:n]
         return self.encode_context(x, a, m, cfg=state.cfg, capacity=state.capacity, heads=heads)
 
-    def invert_shallow(self, u: torch.Tensor, method: str = "jacobi", jacobi: JacobiConfig | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def invert_shallow(self, u: torch.Tensor, method: str = "jacobi", jacobi: JacobiConfig | None = None,
+                       init: list[torch.Tensor] | None = None, init_valid: torch.Tensor | None = None,
+                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """S_1^-1 .. S_K^-1 on single frames: u [B, F, d] (D-input space) -> (x tokens [B, F, d],
-        logdet [B] of the shallow blocks at the solution, passes)."""
+        logdet [B] of the shallow blocks at the solution, passes).
+
+        init: Jacobi warm start, one [B, F, d] guess of each block's *input* (natural order, indexed
+        like ``self.shallow``; see `shallow_inputs`); None starts every block from its output.
+        init_valid bool [B] | None: rows that take `init` (the others start from the block's output).
+        chunk: Jacobi chunk size (default ``jacobi.block_size_first``)."""
         B, F, d = u.shape
         cos, sin = self.rope(0, 1)
         logdet = torch.zeros(B, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
         passes = 0
-        first = None
-        for block in reversed(self.shallow):
+        jc = jacobi or JacobiConfig()
+        for i in reversed(range(len(self.shallow))):
+            block = self.shallow[i]
             cache = block.new_cache(B, F, u.dtype, u.device)
             v_in = block.permutation(u)
             first = block.sos.to(u.dtype).expand(B, -1)
             if method == "sequential":
                 inv = invert_sequential(block, cache, first, v_in, None, cos, sin)
             else:
-                jc = jacobi or JacobiConfig()
-                inv = invert_jacobi(block, cache, first, v_in, None, cos, sin, jc, jc.block_size_first)
+                guess = None
+                if init is not None:
+                    guess = block.permutation(init[i].to(u.dtype))
+                    if init_valid is not None:
+                        guess = torch.where(init_valid[:, None, None], guess, v_in)
+                inv = invert_jacobi(block, cache, first, v_in, None, cos, sin, jc,
+                                    jc.block_size_first if chunk is None else chunk, guess)
             passes += inv.passes
             logdet = logdet - torch.log(inv.a).sum((1, 2))
             u = block.permutation(inv.u)
         return u, logdet, passes
+
+    def shallow_inputs(self, x_tilde: torch.Tensor) -> list[torch.Tensor]:
+        """The input tokens of every shallow block for frames x_tilde [B, C, H, W]: K tensors [B, F, d]
+        (natural order, indexed like ``self.shallow``): patchify(x_tilde), S_1(...), .., S_{K-1}(...)."""
+        x = patchify(x_tilde[:, None], self.config.patch_size)[:, 0]  # [B, F, d]
+        cos, sin = self.rope(0, 1)
+        inputs = [x]
+        for block in self.shallow[:-1]:
+            x = block(x, cos, sin)[0]
+            inputs.append(x)
+        return inputs
 
     @torch.no_grad()
     def generate_frame(self, state: GenerationState, action: torch.Tensor | None, noise: torch.Tensor | None = None,
@@ -566,12 +589,27 @@ class StarFlowV(nn.Module):
                                 base)
         u = inv.u  # [B, F, d] deep-input space (D uses the identity permutation)
         z = (u.to(inv.a.dtype) - inv.b) / inv.a
-        x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi)
+        init, chunk_s = self._shallow_warm_start(state, jacobi if method == "jacobi" else JacobiConfig(warm_start=False))
+        x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi, init, state.last_valid, chunk_s)
         nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * d + torch.log(inv.a).sum((1, 2)) - logdet_s
         x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
 
         reward, term = self._commit_frame(state, x_tilde, u, action)
         return FrameSample(x_tilde, nll, inv.h.mean(1), reward, term, inv.iterations, inv.passes, shallow_passes, inv.h)
+
+    def _shallow_warm_start(self, state: GenerationState, jacobi: JacobiConfig | None
+                            ) -> tuple[list[torch.Tensor] | None, int | None]:
+        """(init, chunk) for `invert_shallow` of the next frame of `state` (before it is committed).
+
+        Video-aware, like the deep block: with a warm start, a frame after the first starts each shallow
+        block's Jacobi iteration from the newest frame's input tokens of that block (`shallow_inputs`;
+        rows without a real newest frame, ``state.last_valid`` False, start cold) and uses chunks of
+        ``block_size``; otherwise (None, None): cold starts, chunks of ``block_size_first``.
+        """
+        jc = jacobi or JacobiConfig()
+        if not jc.warm_start or state.num_frames == 0 or not bool(state.last_valid.any()):
+            return None, None
+        return self.shallow_inputs(state.history_x[:, state.num_frames - 1].to(self.dtype)), jc.block_size
 
     def _commit_frame(self, state: GenerationState, x_tilde: torch.Tensor, u: torch.Tensor,
                       action: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

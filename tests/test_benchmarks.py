@@ -38,6 +38,25 @@ def test_env_throughput_times_each_obs_mode_and_judges_the_target_on_pixels(tmp_
     assert "| latent | 2 | sequential |" in table and "| pixels | 2 | jacobi |" in table
 
 
+def test_env_throughput_times_only_the_named_variants(tmp_path):
+    bench = load_benchmark("env_throughput")
+    out = tmp_path / "tp"
+    rc = bench.main(["--checkpoint", str(tmp_path / "absent.pt"), "--batches", "2", "--seconds", "0.01",
+                     "--threads", "1", "--variants", "jacobi-c4,sequential", "--output", str(out)])
+    assert rc == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["jacobi-c4", "sequential"]
+    assert rows[0]["speedup_vs_sequential"] > 0
+
+
+def test_env_throughput_rejects_an_unknown_variant(tmp_path, capsys):
+    bench = load_benchmark("env_throughput")
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "jacobi,fast", "--output", str(tmp_path / "tp")])
+    err = capsys.readouterr().err
+    assert "--variants" in err and "fast" in err
+
+
 def test_env_throughput_rejects_an_unknown_obs_mode(tmp_path, capsys):
     bench = load_benchmark("env_throughput")
     with pytest.raises(SystemExit):

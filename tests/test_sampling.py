@@ -346,3 +346,31 @@ def test_append_frame_equals_encoding_the_whole_clip(cfg, w, pad, skip):
     assert (g_whole.x_tilde - g_step.x_tilde).abs().max() < 1e-9  # the cache (both CFG halves) is the same
     with pytest.raises(ValueError, match="append_frame: x_tilde"):
         m.flow.append_frame(state, x[:1, 0], a[:1, 0])
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_shallow_warm_start_from_newest_frame(warm):
+    """A frame equal to the newest one: its shallow inputs are the warm start's guess, so each shallow
+    block stops after one Jacobi pass; cold, the same frame takes more. Both reproduce the frame."""
+    m = random_model()
+    x, a = random_clip(m.config, B=2, T=3)
+    x[:, 2] = x[:, 1]
+    z = m.flow(x, a).z  # [B, T, F, d]
+    state, _ = m.flow.encode_context(x[:, :2], a[:, :1])
+    jc = JacobiConfig(block_size_first=16, block_size=16, threshold=1e-20, max_iter=32, warm_start=warm)
+    s = m.flow.generate_frame(state, a[:, 1], noise=z[:, 2], method="jacobi", jacobi=jc)
+    assert (s.x_tilde - x[:, 2]).abs().max() < 1e-6
+    K = len(m.flow.shallow)
+    assert (s.shallow_passes == K) if warm else (s.shallow_passes > 2 * K)
+
+
+def test_shallow_inputs_chain_the_blocks():
+    m = random_model()
+    x, _ = random_clip(m.config, B=2, T=1)
+    inputs = m.flow.shallow_inputs(x[:, 0])
+    cos, sin = m.flow.rope(0, 1)
+    assert len(inputs) == len(m.flow.shallow)
+    for i in range(1, len(inputs)):
+        assert torch.equal(inputs[i], m.flow.shallow[i - 1](inputs[i - 1], cos, sin)[0])
+    u, _ = m.flow.shallow_forward(inputs[0][:, None])
+    assert torch.allclose(m.flow.shallow[-1](inputs[-1], cos, sin)[0], u[:, 0])
