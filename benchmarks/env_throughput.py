@@ -64,14 +64,15 @@ def random_cpu_demo_checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder / "random-cpu-demo.pt", payload)
 
 
-# (row name, sampler overrides). Since session 24 a frame after the first starts the shallow blocks'
-# Jacobi iterations from the newest frame's tokens too, in chunks of block_size (the whole frame here), so
-# block_size_first only matters for a context-free first frame, which a dream never generates.
-# "jacobi-c8" / "jacobi-c4": Gauss-Seidel over chunks of 8 / 4 tokens of every later frame (fewer slots
-# recomputed, more passes); "jacobi-full": every Jacobi pass over the whole batch (compact=0), for the gain
-# of compaction; "jacobi-cold": no warm start (neither the deep nor the shallow blocks).
+# (row name, sampler overrides). The rows start from the checkpoint's sampler (the cpu-demo preset sets
+# block_size_first=1: one-token chunks for the shallow blocks, i.e. a sequential shallow inversion, since
+# a whole-frame chunk recomputes every slot on every pass). "jacobi-s16": whole-frame shallow chunks,
+# warm-started from the newest frame's tokens (session 24); "jacobi-c8" / "jacobi-c4": Gauss-Seidel over
+# chunks of 8 / 4 tokens in the deep block (fewer slots recomputed, more passes); "jacobi-full": every
+# Jacobi pass over the whole batch (compact=0), for the gain of compaction; "jacobi-cold": no warm start.
 VARIANTS = {
     "jacobi": {"method": "jacobi"},
+    "jacobi-s16": {"method": "jacobi", "block_size_first": 16},
     "jacobi-c8": {"method": "jacobi", "block_size": 8},
     "jacobi-c4": {"method": "jacobi", "block_size": 4},
     "jacobi-full": {"method": "jacobi", "compact": 0.0},

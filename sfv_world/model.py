@@ -497,15 +497,15 @@ class StarFlowV(nn.Module):
         return self.encode_context(x, a, m, cfg=state.cfg, capacity=state.capacity, heads=heads)
 
     def invert_shallow(self, u: torch.Tensor, method: str = "jacobi", jacobi: JacobiConfig | None = None,
-                       init: list[torch.Tensor] | None = None, init_valid: torch.Tensor | None = None,
-                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                       init: list[torch.Tensor] | None = None, init_valid: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """S_1^-1 .. S_K^-1 on single frames: u [B, F, d] (D-input space) -> (x tokens [B, F, d],
         logdet [B] of the shallow blocks at the solution, passes).
 
         init: Jacobi warm start, one [B, F, d] guess of each block's *input* (natural order, indexed
         like ``self.shallow``; see `shallow_inputs`); None starts every block from its output.
         init_valid bool [B] | None: rows that take `init` (the others start from the block's output).
-        chunk: Jacobi chunk size (default ``jacobi.block_size_first``)."""
+        Jacobi chunks hold ``jacobi.block_size_first`` tokens (the whole frame by default)."""
         B, F, d = u.shape
         cos, sin = self.rope(0, 1)
         logdet = torch.zeros(B, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
@@ -524,8 +524,7 @@ class StarFlowV(nn.Module):
                     guess = block.permutation(init[i].to(u.dtype))
                     if init_valid is not None:
                         guess = torch.where(init_valid[:, None, None], guess, v_in)
-                inv = invert_jacobi(block, cache, first, v_in, None, cos, sin, jc,
-                                    jc.block_size_first if chunk is None else chunk, guess)
+                inv = invert_jacobi(block, cache, first, v_in, None, cos, sin, jc, jc.block_size_first, guess)
             passes += inv.passes
             logdet = logdet - torch.log(inv.a).sum((1, 2))
             u = block.permutation(inv.u)
@@ -589,27 +588,28 @@ class StarFlowV(nn.Module):
                                 base)
         u = inv.u  # [B, F, d] deep-input space (D uses the identity permutation)
         z = (u.to(inv.a.dtype) - inv.b) / inv.a
-        init, chunk_s = self._shallow_warm_start(state, jacobi if method == "jacobi" else JacobiConfig(warm_start=False))
-        x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi, init, state.last_valid, chunk_s)
+        init = self._shallow_warm_start(state, jacobi) if method == "jacobi" else None
+        x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi, init, state.last_valid)
         nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * d + torch.log(inv.a).sum((1, 2)) - logdet_s
         x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
 
         reward, term = self._commit_frame(state, x_tilde, u, action)
         return FrameSample(x_tilde, nll, inv.h.mean(1), reward, term, inv.iterations, inv.passes, shallow_passes, inv.h)
 
-    def _shallow_warm_start(self, state: GenerationState, jacobi: JacobiConfig | None
-                            ) -> tuple[list[torch.Tensor] | None, int | None]:
-        """(init, chunk) for `invert_shallow` of the next frame of `state` (before it is committed).
+    def _shallow_warm_start(self, state: GenerationState, jacobi: JacobiConfig | None) -> list[torch.Tensor] | None:
+        """Jacobi warm start for `invert_shallow` of the next frame of `state` (before it is committed).
 
-        Video-aware, like the deep block: with a warm start, a frame after the first starts each shallow
-        block's Jacobi iteration from the newest frame's input tokens of that block (`shallow_inputs`;
-        rows without a real newest frame, ``state.last_valid`` False, start cold) and uses chunks of
-        ``block_size``; otherwise (None, None): cold starts, chunks of ``block_size_first``.
+        Video-aware, like the deep block: with ``warm_start``, a frame after the first starts each shallow
+        block's iteration from the newest frame's input tokens of that block (`shallow_inputs`; rows
+        without a real newest frame, ``state.last_valid`` False, start from the block's output). None:
+        cold starts. The shallow chunk stays ``block_size_first``: with chunks of one token (the CPU
+        presets) the inversion is sequential and the guess unused: on one CPU thread at batch 64 a warm
+        whole-frame chunk took 2.5 passes per block and cost more than 16 one-token passes (session 24).
         """
         jc = jacobi or JacobiConfig()
-        if not jc.warm_start or state.num_frames == 0 or not bool(state.last_valid.any()):
-            return None, None
-        return self.shallow_inputs(state.history_x[:, state.num_frames - 1].to(self.dtype)), jc.block_size
+        if not jc.warm_start or jc.block_size_first == 1 or state.num_frames == 0 or not bool(state.last_valid.any()):
+            return None
+        return self.shallow_inputs(state.history_x[:, state.num_frames - 1].to(self.dtype))
 
     def _commit_frame(self, state: GenerationState, x_tilde: torch.Tensor, u: torch.Tensor,
                       action: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
