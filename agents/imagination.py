@@ -205,7 +205,8 @@ class TerminationPenaltyVecEnv(VecEnvWrapper):
     at 4-6 and -4.4 at 10-12 (benchmarks/results/termination_logit_s22.md). A temperature T > 1 turns
     it into a penalty that grows smoothly with the danger (T = 10: 0.04, 0.09 and 0.39 there), so the
     policy is paid to stay upright, not just alive. ``c <= 1`` keeps every step's reward >= 0 for a
-    reward of 1, so ending an episode never pays. Reads ``infos[i]["termination_logit"]`` (float) of a dream VecEnv; rewards float32 [N].
+    reward of 1, so ending an episode never pays. Reads ``infos[i]["termination_logit"]`` (float) of a
+    dream VecEnv; rewards float32 [N].
     Wrap it outside ``VecMonitor``, which then logs the unshaped imagined returns.
     """
 

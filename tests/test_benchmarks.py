@@ -19,13 +19,18 @@ def load_benchmark(name: str):
     return module
 
 
-def test_env_throughput_times_each_obs_mode_and_judges_the_target_on_pixels(tmp_path):
+def run_env_throughput(tmp_path: Path, *args: str):
+    """env_throughput at batch 2 for a moment on a random-init model: (module, result JSON, output path)."""
     bench = load_benchmark("env_throughput")
     out = tmp_path / "tp"
     rc = bench.main(["--checkpoint", str(tmp_path / "absent.pt"), "--batches", "2", "--seconds", "0.01",
-                     "--threads", "1", "--obs-modes", "pixels,latent", "--output", str(out)])
+                     "--threads", "1", "--output", str(out), *args])
     assert rc == 0
-    result = json.loads(out.with_suffix(".json").read_text())
+    return bench, json.loads(out.with_suffix(".json").read_text()), out
+
+
+def test_env_throughput_times_each_obs_mode_and_judges_the_target_on_pixels(tmp_path):
+    bench, result, out = run_env_throughput(tmp_path, "--obs-modes", "pixels,latent")
     assert result["model"].startswith("random-init")
     modes = [(r["obs_mode"], r["method"]) for r in result["rows"]]
     assert modes == [(m, v) for m in ("pixels", "latent") for v in bench.VARIANTS]
@@ -39,12 +44,7 @@ def test_env_throughput_times_each_obs_mode_and_judges_the_target_on_pixels(tmp_
 
 
 def test_env_throughput_times_only_the_named_variants(tmp_path):
-    bench = load_benchmark("env_throughput")
-    out = tmp_path / "tp"
-    rc = bench.main(["--checkpoint", str(tmp_path / "absent.pt"), "--batches", "2", "--seconds", "0.01",
-                     "--threads", "1", "--variants", "jacobi-c4,sequential", "--output", str(out)])
-    assert rc == 0
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = run_env_throughput(tmp_path, "--variants", "jacobi-c4,sequential")[1]["rows"]
     assert [r["method"] for r in rows] == ["jacobi-c4", "sequential"]
     assert rows[0]["speedup_vs_sequential"] > 0
 
