@@ -15,9 +15,10 @@ An imagined episode starts from real context (``context_frames`` frames and the 
 sampled from the train split of the checkpoint's dataset (read through ``sfv_world.datasets``), or from
 ``reset(options={"frames": ..., "actions": ...})``; one image is enough. It terminates when the
 termination head's probability exceeds ``termination_threshold`` (or, with ``termination="sample"``,
-with that probability) and is truncated after ``horizon``
-steps. ``info`` holds ``log_likelihood`` (bits/dim of the newest frame), ``jacobi_iterations``,
-``termination_logit`` (the termination head's log-odds: a graded measure of danger far below the
+with that probability) and is truncated after ``horizon`` steps (and, with
+``truncate_out_of_range=True``, on a frame the world clamped back into the data's range: ``info["out_of_range"]``,
+``sampler.bound_sigmas``). ``info`` holds ``log_likelihood`` (bits/dim of the newest frame), ``jacobi_iterations``,
+``out_of_range``, ``termination_logit`` (the termination head's log-odds: a graded measure of danger far below the
 threshold, ``agent.termination_penalty``), and ``ood_score`` / ``ood`` (``sfv_world.ood.OODMonitor``
 with the checkpoint's calibration; reset infos carry the context's score).
 """
@@ -186,6 +187,10 @@ class DreamCore:
             same action. The step's reward is the mean over its frames (a rate per real step), it
             terminates if any of its frames does, log_likelihood is its last frame's, and
             termination_logit the largest of its frames'.
+        truncate_out_of_range: truncate an episode on the step whose frame left the data's range and
+            was clamped (``WorldStep.out_of_range``, ``info["out_of_range"]``). Off by default: under a
+            trained agent the cpu-demo model's world clamps 8% of its frames (``sampler.bound_sigmas``
+            30), and the clamp already keeps the world on the data.
     """
 
     def __init__(
@@ -210,6 +215,7 @@ class DreamCore:
         context_start: str = "random",
         ood_score: str | None = None,
         time_scale: float = 1.0,
+        truncate_out_of_range: bool = False,
     ):
         from sfv_world.datasets.spaces import deserialize_space
 
@@ -252,6 +258,7 @@ class DreamCore:
             raise ValueError(f"termination must be one of {TERMINATIONS}, got {termination!r}")
         self.termination = termination
         self.time_scale = float(time_scale)
+        self.truncate_out_of_range = bool(truncate_out_of_range)
 
         meta = runtime.dataset_meta
         self.action_space = deserialize_space(meta["action_space"])
@@ -425,19 +432,23 @@ class DreamCore:
         terminated = np.zeros(self.num_envs, dtype=bool)
         iterations = np.zeros(self.num_envs, dtype=np.int64)
         logit = np.full(self.num_envs, -np.inf, dtype=np.float32)
+        out_of_range = np.zeros(self.num_envs, dtype=bool)
         for _ in range(frames):
             out, term = self._advance(actions)
             rewards += out.rewards
             terminated |= term
+            out_of_range |= out.out_of_range
             logit = np.maximum(logit, out.termination_logit.astype(np.float32))
             iterations += out.jacobi_iterations.astype(np.int64)
             ood = self.ood.step(out.log_likelihood, out.frames, frame_positions(self.runtime))
         self.steps += 1
-        truncated = (self.steps >= self.horizon) & ~terminated
+        cut = out_of_range if self.truncate_out_of_range else np.zeros_like(out_of_range)
+        truncated = ((self.steps >= self.horizon) | cut) & ~terminated
         info = {
             "log_likelihood": out.log_likelihood.astype(np.float32),
             "jacobi_iterations": iterations,
             "termination_logit": logit,
+            "out_of_range": out_of_range,
             **ood,
         }
         return self.observations(), (rewards / frames).astype(np.float32), terminated, truncated, info
@@ -494,6 +505,7 @@ class DreamEnv(gym.Env):
             bool(trunc[0]),
             {"log_likelihood": float(info["log_likelihood"][0]), "jacobi_iterations": int(info["jacobi_iterations"][0]),
              "termination_logit": float(info["termination_logit"][0]),
+             "out_of_range": bool(info["out_of_range"][0]),
              "ood_score": float(info["ood_score"][0]), "ood": bool(info["ood"][0])},
         )
 

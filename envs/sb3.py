@@ -7,7 +7,7 @@ SB3's contract (``stable_baselines3.common.vec_env.VecEnv``):
 - a finished env is reset inside the same step: ``obs[i]`` is already the first observation of the
   next episode, ``infos[i]["terminal_observation"]`` is the last one, and
   ``infos[i]["TimeLimit.truncated"]`` is True when the episode ended by the horizon, not by termination.
-Every ``infos[i]`` also carries ``log_likelihood`` (bits/dim), ``jacobi_iterations``, ``termination_logit``,
+Every ``infos[i]`` also carries ``log_likelihood`` (bits/dim), ``jacobi_iterations``, ``termination_logit``, ``out_of_range``,
 ``ood_score`` and ``ood``.
 """
 
@@ -72,6 +72,7 @@ class DreamSB3VecEnv(VecEnv):
         infos: list[dict[str, Any]] = [
             {"log_likelihood": float(info["log_likelihood"][i]), "jacobi_iterations": int(info["jacobi_iterations"][i]),
              "termination_logit": float(info["termination_logit"][i]),
+             "out_of_range": bool(info["out_of_range"][i]),
              "ood_score": float(info["ood_score"][i]), "ood": bool(info["ood"][i])}
             for i in range(self.num_envs)
         ]

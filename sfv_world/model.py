@@ -166,7 +166,9 @@ class FrameSample:
     features [B, D]; reward [B] (or sign logits [B, 3]) and termination_logit [B] for the transition
     (previous frame, action) -> this frame; iterations [B] int64 deep-block Jacobi iterations per
     sample; passes: deep-block forward calls; shallow_passes: shallow-block forward calls;
-    slot_features [B, F, D]: the features before the mean over the frame's F slots.
+    slot_features [B, F, D]: the features before the mean over the frame's F slots; clamped bool [B]:
+    rows whose inverted frame left the ``bound`` of `StarFlowV.generate_frame` and was clamped (None:
+    no bound was given, or the frame was teacher-forced).
     """
 
     x_tilde: torch.Tensor
@@ -178,6 +180,7 @@ class FrameSample:
     passes: int
     shallow_passes: int
     slot_features: torch.Tensor
+    clamped: torch.Tensor | None = None
 
 
 class GenerationState:
@@ -207,6 +210,18 @@ class GenerationState:
     @property
     def full(self) -> bool:
         return self.num_frames >= self.capacity
+
+    def select_rows(self, rows: torch.Tensor) -> "GenerationState":
+        """A copy of the rows int64 [R] as a state of R rows (cache, tokens and history; cfg: both halves)."""
+        c = self.cache
+        cache_rows = torch.cat([rows, rows + self.batch]) if self.cfg else rows
+        cache = KVCache.__new__(KVCache)
+        cache.k, cache.v, cache.key_valid = c.k[:, cache_rows], c.v[:, cache_rows], c.key_valid[cache_rows]
+        cache.length = c.length
+        cache.all_valid = bool(cache.key_valid[:, :c.length].all())
+        prev = None if self.prev_tokens is None else self.prev_tokens[rows]
+        return GenerationState(cache, self.last_token[rows], self.last_valid[rows], prev, self.num_frames, self.capacity,
+                               self.cfg, self.history_x[rows], self.history_a[rows], self.history_mask[rows])
 
     def replace_rows(self, rows: torch.Tensor, other: "GenerationState", other_rows: torch.Tensor | None = None) -> None:
         """Overwrite rows (int64 [R]) with other's rows (default 0..R-1), e.g. after a per-row reset.
@@ -545,7 +560,7 @@ class StarFlowV(nn.Module):
     def generate_frame(self, state: GenerationState, action: torch.Tensor | None, noise: torch.Tensor | None = None,
                        generator: torch.Generator | None = None, method: str = "jacobi",
                        jacobi: JacobiConfig | None = None, cfg_scale: float = 0.0,
-                       temperature: float = 1.0) -> FrameSample:
+                       temperature: float = 1.0, bound: float | None = None) -> FrameSample:
         """Generate the next frame of every row and append it to `state`.
 
         action int64 [B] | float [B, k] (a_{t-1}, leading from the newest frame; ignored for rows
@@ -553,6 +568,12 @@ class StarFlowV(nn.Module):
         noise [B, F, d] | None (v; drawn from
         `generator` when None), scaled by temperature; method "jacobi" | "sequential"; cfg_scale w
         needs a state encoded with cfg=True.
+
+        bound: if given, a row whose frame has any value outside [-bound, bound] (or not finite) gets the
+        frame clamped to it, committed by teacher forcing (`_teacher_forced_rows`: its tokens, cache
+        slots, nll, features and heads are the clamped frame's); ``FrameSample.clamped`` names the rows.
+        The inverse can leave the data's range and stay out: the temporal skip adds the previous frame's
+        tokens to the shifts, gated by up to ``soft_clip``, so a blown-up frame feeds the next one.
         """
         c = self.config
         F, d, B = c.tokens_per_frame, c.token_dim, state.batch
@@ -592,9 +613,33 @@ class StarFlowV(nn.Module):
         x_tokens, logdet_s, shallow_passes = self.invert_shallow(u, method, jacobi, init, state.last_valid)
         nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * d + torch.log(inv.a).sum((1, 2)) - logdet_s
         x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
+        h = inv.h
+        clamped = None
+        if bound is not None:
+            clamped = ~(x_tilde.flatten(1).abs() <= bound).all(1)  # [B]; NaN counts as outside
+            if bool(clamped.any()):
+                rows = torch.nonzero(clamped).squeeze(1)
+                x_tilde = x_tilde.nan_to_num(0.0).clamp(-bound, bound)  # the identity on the other rows
+                fix_state, fix = self._teacher_forced_rows(state, rows, x_tilde[rows],
+                                                           None if action is None else action[rows])
+                nll, h = nll.clone(), h.clone()
+                nll[rows], h[rows] = fix.nll.to(nll.dtype), fix.slot_features.to(h.dtype)
 
         reward, term = self._commit_frame(state, x_tilde, u, action)
-        return FrameSample(x_tilde, nll, inv.h.mean(1), reward, term, inv.iterations, inv.passes, shallow_passes, inv.h)
+        if clamped is not None and bool(clamped.any()):
+            state.replace_rows(rows, fix_state)
+        return FrameSample(x_tilde, nll, h.mean(1), reward, term, inv.iterations, inv.passes, shallow_passes, h, clamped)
+
+    def _teacher_forced_rows(self, state: GenerationState, rows: torch.Tensor, x_tilde: torch.Tensor,
+                             action: torch.Tensor | None) -> tuple[GenerationState, FrameSample]:
+        """The rows int64 [R] of `state` with frames x_tilde [R, C, H, W] appended by teacher forcing, in
+        place of the frame that was just inverted for them (its F cache slots are committed; nothing
+        else is). Returns (an R-row state holding the new frame, to splice in with `replace_rows` once
+        `state` has committed its own frame; the `append_frame` sample). One cached pass over R rows.
+        """
+        sub = state.select_rows(rows)
+        sub.cache.length -= self.config.tokens_per_frame  # drop the inverted frame's slots
+        return sub, self.append_frame(sub, x_tilde, action)
 
     def _shallow_warm_start(self, state: GenerationState, jacobi: JacobiConfig | None) -> list[torch.Tensor] | None:
         """Jacobi warm start for `invert_shallow` of the next frame of `state` (before it is committed).

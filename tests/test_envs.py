@@ -100,7 +100,8 @@ def test_observations_are_at_the_model_frame_size(ckpts):
     obs, reward, terminated, truncated, info = env.step(1)
     assert obs.shape == (16, 16, 3)
     assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
-    assert set(info) == {"log_likelihood", "jacobi_iterations", "termination_logit", "ood_score", "ood"}
+    assert set(info) == {"log_likelihood", "jacobi_iterations", "termination_logit", "out_of_range", "ood_score",
+                         "ood"}
     np.testing.assert_array_equal(env.render(), obs)
 
 
@@ -415,3 +416,27 @@ def test_termination_logit_in_info_is_the_largest_over_a_steps_frames(ckpts):
     assert calls == [0, 1]
     assert info["termination_logit"].dtype == np.float32
     np.testing.assert_array_equal(info["termination_logit"], [-3.0, -1.0])
+
+
+def test_a_frame_out_of_the_data_range_truncates_its_episode(ckpts):
+    """info["out_of_range"] marks a frame the world clamped (sampler.bound_sigmas); with truncate_out_of_range it
+    truncates the episode (SB3: TimeLimit.truncated, the value is bootstrapped); by default it does not."""
+    tight = {"bound_sigmas": 1e-3}  # a bound of 1.0001: every frame of an untrained model leaves it
+    venv = DreamSB3VecEnv(ckpts["never_ends"], num_envs=2, horizon=50, sampler=tight, truncate_out_of_range=True)
+    venv.seed(0)
+    venv.reset()
+    _, _, dones, infos = venv.step(np.zeros(2, np.int64))
+    assert dones.all()
+    assert all(i["out_of_range"] is True and i["TimeLimit.truncated"] is True for i in infos)
+
+    core = DreamVectorEnv(num_envs=2, checkpoint=ckpts["never_ends"], horizon=50, sampler=tight).core
+    core.seed(0)
+    core.reset_rows(np.arange(2))
+    _, _, term, trunc, info = core.step(np.zeros(2, np.int64))
+    assert info["out_of_range"].dtype == np.bool_ and info["out_of_range"].all()
+    assert not trunc.any() and not term.any()
+
+    env = DreamEnv(checkpoint=ckpts["never_ends"], horizon=50)  # the fixtures' sampler: no bound
+    env.reset(seed=0)
+    _, _, terminated, truncated, info = env.step(0)
+    assert info["out_of_range"] is False and not truncated and not terminated

@@ -335,3 +335,49 @@ def test_quality_on_chosen_episodes(tiny, tmp_path):
     assert one["windows"] == 12 + 1 - 4 + 1 and two["windows"] == 2 * one["windows"]  # 13 frames, 4 per window
     with pytest.raises(ValueError, match=r"quality.episodes: .* has no episode \[9\]"):
         evaluate_quality(cfg("[1,9]"))
+
+
+def test_frames_outside_the_data_range_are_clamped_and_teacher_forced(tiny):
+    """sampler.bound_sigmas: a row whose inverted frame leaves [-1 - k sigma, 1 + k sigma] commits the clamped
+    frame by teacher forcing: its likelihood and features are what a forward pass over its history gives, the
+    next frame follows from it, and the other rows are bit for bit those of an unbounded run."""
+    frames, actions = context(4, 2)
+    act = np.array([0, 1, 0, 1])
+    exact = {"method": "sequential"}  # exact inversion: the forward pass over the history must agree
+    free = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=4, seed=3, sampler={**exact, "bound_sigmas": 0})
+    assert free.frame_bound is None
+    free.reset(frames, actions)
+    a = free.step(act)
+    peak = free.state.history_x[:, free.num_frames - 1].flatten(1).abs().amax(1).numpy()
+    cut = float(np.sort(peak)[1:3].mean())  # two rows above the bound, two below
+    sigma = float(free.config.sigma)
+    bounded = WorldRuntime.from_checkpoint(tiny["ckpt"], batch_size=4, seed=3,
+                                           sampler={**exact, "bound_sigmas": (cut - 1) / sigma})
+    assert bounded.frame_bound == pytest.approx(cut)
+    bounded.reset(frames, actions)
+    b = bounded.step(act)
+    out = peak > cut
+    assert out.sum() == 2 and out.dtype == np.bool_
+    np.testing.assert_array_equal(b.out_of_range, out)
+    np.testing.assert_array_equal(a.out_of_range, np.zeros(4, bool))
+    for name in ("frames", "log_likelihood", "features", "rewards", "termination_logit"):
+        np.testing.assert_array_equal(getattr(b, name)[~out], getattr(a, name)[~out])
+    assert not np.array_equal(b.features[out], a.features[out])
+    st = bounded.state
+    newest = st.history_x[:, st.num_frames - 1]
+    assert float(newest.abs().max()) <= cut
+    for _ in range(2):  # the clamped frames carry on: later frames follow from them
+        b = bounded.step(act)
+    n = st.num_frames
+    enc, ref = bounded.flow.encode_context(st.history_x[:, :n], st.history_a[:, :n - 1], st.history_mask[:, :n],
+                                           capacity=bounded.context_window)
+    np.testing.assert_allclose(bounded._bits(ref.nll[:, -1]), b.log_likelihood, atol=1e-4)
+    np.testing.assert_allclose(ref.features[:, -1].numpy(), b.features, atol=1e-4)
+    np.testing.assert_allclose(enc.prev_tokens.numpy(), st.prev_tokens.numpy(), atol=1e-4)
+
+
+def test_sampler_bound_sigmas_is_checked():
+    assert SamplerSettings.from_dict({}).bound_sigmas == 10.0
+    for bad in (-1.0, True, "wide", float("inf")):
+        with pytest.raises(ValueError, match="sampler.bound_sigmas must be a number >= 0"):
+            SamplerSettings.from_dict({"bound_sigmas": bad})
