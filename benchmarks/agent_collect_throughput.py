@@ -55,7 +55,8 @@ class ReencodingRuntime(WorldRuntime):
                          termination_logit=out.termination_logit[:, -1].float().cpu().numpy(),
                          terminations=(term > 0.5).cpu().numpy(),
                          log_likelihood=self._bits(out.nll[:, -1]), jacobi_iterations=np.zeros(B, dtype=np.int64),
-                         features=out.features[:, -1].float().cpu().numpy(), out_of_range=np.zeros(B, dtype=bool))
+                         features=out.features[:, -1].float().cpu().numpy(), out_of_range=np.zeros(B, dtype=bool),
+                         frame_peak=x_all[:, -1].flatten(1).abs().amax(1).float().cpu().numpy())
 
 
 def measure(args, n_envs: int, observe: str, folder: Path) -> dict:

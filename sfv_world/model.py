@@ -168,7 +168,8 @@ class FrameSample:
     sample; passes: deep-block forward calls; shallow_passes: shallow-block forward calls;
     slot_features [B, F, D]: the features before the mean over the frame's F slots; clamped bool [B]:
     rows whose inverted frame left the ``bound`` of `StarFlowV.generate_frame` and was clamped (None:
-    no bound was given, or the frame was teacher-forced).
+    no bound was given, or the frame was teacher-forced); peak [B]: the largest |value| of each inverted
+    frame before any clamp (None: teacher-forced).
     """
 
     x_tilde: torch.Tensor
@@ -181,6 +182,7 @@ class FrameSample:
     shallow_passes: int
     slot_features: torch.Tensor
     clamped: torch.Tensor | None = None
+    peak: torch.Tensor | None = None
 
 
 class GenerationState:
@@ -614,9 +616,10 @@ class StarFlowV(nn.Module):
         nll = 0.5 * z.square().sum((1, 2)) + HALF_LOG_2PI * F * d + torch.log(inv.a).sum((1, 2)) - logdet_s
         x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
         h = inv.h
+        peak = x_tilde.flatten(1).abs().amax(1)  # [B]; NaN if the frame has one
         clamped = None
         if bound is not None:
-            clamped = ~(x_tilde.flatten(1).abs() <= bound).all(1)  # [B]; NaN counts as outside
+            clamped = ~(peak <= bound)  # NaN counts as outside
             if bool(clamped.any()):
                 rows = torch.nonzero(clamped).squeeze(1)
                 x_tilde = x_tilde.nan_to_num(0.0).clamp(-bound, bound)  # the identity on the other rows
@@ -628,7 +631,8 @@ class StarFlowV(nn.Module):
         reward, term = self._commit_frame(state, x_tilde, u, action)
         if clamped is not None and bool(clamped.any()):
             state.replace_rows(rows, fix_state)
-        return FrameSample(x_tilde, nll, h.mean(1), reward, term, inv.iterations, inv.passes, shallow_passes, h, clamped)
+        return FrameSample(x_tilde, nll, h.mean(1), reward, term, inv.iterations, inv.passes, shallow_passes, h, clamped,
+                           peak)
 
     def _teacher_forced_rows(self, state: GenerationState, rows: torch.Tensor, x_tilde: torch.Tensor,
                              action: torch.Tensor | None) -> tuple[GenerationState, FrameSample]:

@@ -151,6 +151,9 @@ class WorldStep:
     features          float32 [B, D]      causal features of the new frame ([B, F * D]: slots)
     out_of_range      bool [B]            the inverted frame left the data's range and was clamped
                                           (``SamplerSettings.bound_sigmas``); False for observe
+    frame_peak        float32 [B]         the largest |value| of the inverted frame in model space, before
+                                          any clamp (~1 + 5 sigma for a frame like the data); that of the
+                                          given frame for observe
     """
 
     frames: np.ndarray | None
@@ -162,6 +165,7 @@ class WorldStep:
     jacobi_iterations: np.ndarray
     features: np.ndarray
     out_of_range: np.ndarray
+    frame_peak: np.ndarray
 
 
 def area_downsample(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -533,6 +537,7 @@ class WorldRuntime:
             jacobi_iterations=sample.iterations.to(torch.int64).cpu().numpy(),
             features=self._pool(sample.features, sample.slot_features).float().cpu().numpy(),
             out_of_range=(np.zeros(self.batch_size, dtype=bool) if clamped is None else clamped.cpu().numpy()),
+            frame_peak=sample.peak.float().cpu().numpy(),
         )
 
     @torch.no_grad()
@@ -550,7 +555,8 @@ class WorldRuntime:
         if x.dim() != 4 or x.shape[0] != B:
             raise ValueError(f"frames must be uint8 [{B}, H, W, C], got {tuple(_to_numpy(frames).shape)}")
         self._ensure_room()
-        out = self.flow.append_frame(self.state, self._noisy(x), a)
+        x_tilde = self._noisy(x)
+        out = self.flow.append_frame(self.state, x_tilde, a)
         term = torch.sigmoid(out.termination_logit.float())
         return WorldStep(
             frames=self.codec.decode(x).movedim(-3, -1).cpu().numpy(),
@@ -562,6 +568,7 @@ class WorldRuntime:
             jacobi_iterations=np.zeros(B, dtype=np.int64),
             features=self._pool(out.features, out.slot_features).float().cpu().numpy(),
             out_of_range=np.zeros(B, dtype=bool),
+            frame_peak=x_tilde.flatten(1).abs().amax(1).float().cpu().numpy(),
         )
 
     def memory_bytes(self) -> int:

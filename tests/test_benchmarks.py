@@ -134,3 +134,25 @@ def test_termination_logit_bins_real_steps_by_the_true_pole_angle(tmp_path, monk
         bench.main(["--checkpoint", str(ckpt), "--policy", str(tmp_path / "absent.zip")])
     with pytest.raises(SystemExit, match="--epsilon 2.0"):
         bench.main(["--checkpoint", str(ckpt), "--epsilon", "2"])
+
+
+def test_dream_range_compares_bounds_on_the_same_seeds(tmp_path, monkeypatch):
+    """One row per sampler.bound_sigmas: no bound clamps nothing; a bound every frame leaves clamps everything;
+    frame peaks are ordered quantiles; bad input is named."""
+    ckpt = cartpole_latent_policy(tmp_path, episodes=2)
+
+    bench = load_benchmark("dream_range")
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
+    bench.main(["--checkpoint", str(ckpt), "--policy", str(tmp_path / "policy.zip"), "--num-envs", "2", "--steps", "3",
+                "--bound-sigmas", "0", "--bound-sigmas", "0.001", "--name", "range"])
+    rows = json.loads((tmp_path / "results" / "range.json").read_text())["rows"]
+    assert [r["bound_sigmas"] for r in rows] == [0.0, 0.001]
+    assert rows[0]["bound"] == "none" and rows[0]["clamped_fraction"] == 0.0
+    assert rows[1]["bound"] == pytest.approx(1.0001) and rows[1]["clamped_fraction"] == 1.0  # an untrained model
+    for r in rows:
+        assert 1.0 < r["peak_q50"] <= r["peak_q90"] <= r["peak_q99"] <= r["peak_q99.9"] <= r["peak_max"]
+        assert r["env_steps_per_s"] > 0
+    with pytest.raises(SystemExit, match="--policy .*absent.zip: no such file"):
+        bench.main(["--checkpoint", str(ckpt), "--policy", str(tmp_path / "absent.zip")])
+    with pytest.raises(SystemExit, match="--bound-sigmas"):
+        bench.main(["--checkpoint", str(ckpt), "--bound-sigmas", "-1"])

@@ -360,6 +360,8 @@ def test_frames_outside_the_data_range_are_clamped_and_teacher_forced(tiny):
     assert out.sum() == 2 and out.dtype == np.bool_
     np.testing.assert_array_equal(b.out_of_range, out)
     np.testing.assert_array_equal(a.out_of_range, np.zeros(4, bool))
+    np.testing.assert_array_equal(a.frame_peak, peak)  # before the clamp, in both runs
+    np.testing.assert_array_equal(b.frame_peak, peak)
     for name in ("frames", "log_likelihood", "features", "rewards", "termination_logit"):
         np.testing.assert_array_equal(getattr(b, name)[~out], getattr(a, name)[~out])
     assert not np.array_equal(b.features[out], a.features[out])
