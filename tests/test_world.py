@@ -379,7 +379,7 @@ def test_frames_outside_the_data_range_are_clamped_and_teacher_forced(tiny):
 
 
 def test_sampler_bound_sigmas_is_checked():
-    assert SamplerSettings.from_dict({}).bound_sigmas == 10.0
+    assert SamplerSettings.from_dict({}).bound_sigmas == 30.0
     for bad in (-1.0, True, "wide", float("inf")):
         with pytest.raises(ValueError, match="sampler.bound_sigmas must be a number >= 0"):
             SamplerSettings.from_dict({"bound_sigmas": bad})
