@@ -86,8 +86,8 @@ class SamplerSettings:
     on session 24's cpu-demo model (sigma 0.03) under one of its agents (64 worlds x 300 steps): unbounded, the
     per-frame maximum |x_tilde| had quantiles 1.34 / 1.82 / 5.2 / 25.9 (50 / 90 / 99 / 99.9%); a world whose
     frame passed 3 was past 3 again on the next step 96% of the time (up to 2e5, rewards up to 340; a 100-episode
-    mean imagined return of -3.6e4 in an agent's training). k = 30 (1.9) clamped 8% of the frames and kept every
-    frame's raw maximum below 2.5, rewards in [-0.09, 1.28]; k = 10 (1.3) clamped 50%.
+    mean imagined return of -3.6e4 in an agent's training). k = 30 (1.9) clamped 7-8% of the frames and kept every
+    frame's raw maximum below 3 (benchmarks/results/dream_range_s25.md); k = 10 (1.3) clamped half of them.
     """
 
     method: str = "jacobi"
