@@ -101,3 +101,14 @@ def cartpole_view(runtime, checkpoint: str, why: str):
     env_cfg = OmegaConf.create({"name": "cartpole", "id": "CartPole-v1", "frame_source": "render", "kwargs": {},
                                 **spec.view_config()})
     return spec, env_cfg
+
+
+def check_policy_args(args) -> None:
+    """Exit naming the argument unless ``args.checkpoint`` (and ``args.policy``, if given) are files and
+    ``args.epsilon`` is a probability (the benchmarks that play a saved latent policy with random actions)."""
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
+    if args.policy is not None and not Path(args.policy).is_file():
+        raise SystemExit(f"--policy {args.policy}: no such file")
+    if not 0.0 <= args.epsilon <= 1.0:
+        raise SystemExit(f"--epsilon {args.epsilon}: must be a probability in [0, 1]")

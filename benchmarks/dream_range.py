@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import check_policy_args, write_results  # noqa: E402
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
@@ -94,12 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=12)
     p.add_argument("--name", default="dream_range")
     args = p.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
-    if args.policy is not None and not Path(args.policy).is_file():
-        raise SystemExit(f"--policy {args.policy}: no such file")
-    if not 0.0 <= args.epsilon <= 1.0:
-        raise SystemExit(f"--epsilon {args.epsilon}: must be a probability in [0, 1]")
+    check_policy_args(args)
     bounds = args.bound_sigmas or [0.0, 30.0]
     if any(b < 0 for b in bounds):
         raise SystemExit(f"--bound-sigmas {bounds}: each must be >= 0 (0: no bound)")

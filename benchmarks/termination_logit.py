@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cartpole_view, write_results
+from _common import cartpole_view, check_policy_args, write_results
 
 BINS_DEG = (0, 1, 2, 4, 6, 8, 10, 12)
 
@@ -85,12 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--algo", default="ppo")
     p.add_argument("--name", default="termination_logit")
     args = p.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
-    if args.policy is not None and not Path(args.policy).is_file():
-        raise SystemExit(f"--policy {args.policy}: no such file")
-    if not 0.0 <= args.epsilon <= 1.0:
-        raise SystemExit(f"--epsilon {args.epsilon}: must be a probability in [0, 1]")
+    check_policy_args(args)
     if args.episodes < 1 or args.max_steps < 1:
         raise SystemExit("--episodes and --max-steps must be >= 1")
     temps = args.temperature or [10.0]
