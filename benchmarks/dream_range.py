@@ -34,13 +34,12 @@ def play(checkpoint: str, policy, bound_sigmas: float, num_envs: int, steps: int
                           termination_threshold=threshold, dataset=dataset, sampler={"bound_sigmas": bound_sigmas})
     venv.seed(seed)
     rt = venv.core.runtime
-    seen = []
+    seen = [None]  # the runtime's latest WorldStep
     step = rt.step
 
     def recording(actions, **kwargs):
-        out = step(actions, **kwargs)
-        seen.append(out)
-        return out
+        seen[0] = step(actions, **kwargs)
+        return seen[0]
 
     rt.step = recording
     rng = np.random.default_rng(seed)
@@ -55,7 +54,7 @@ def play(checkpoint: str, policy, bound_sigmas: float, num_envs: int, steps: int
         noise = rng.random(num_envs) < epsilon
         act = np.where(noise, rng.integers(0, venv.action_space.n, num_envs), act)
         obs, r, _, _ = venv.step(act)
-        out = seen[-1]
+        out = seen[0]
         peak.append(out.frame_peak)
         clamped.append(out.out_of_range)
         reward.append(r)

@@ -215,12 +215,8 @@ class GenerationState:
 
     def select_rows(self, rows: torch.Tensor) -> "GenerationState":
         """A copy of the rows int64 [R] as a state of R rows (cache, tokens and history; cfg: both halves)."""
-        c = self.cache
         cache_rows = torch.cat([rows, rows + self.batch]) if self.cfg else rows
-        cache = KVCache.__new__(KVCache)
-        cache.k, cache.v, cache.key_valid = c.k[:, cache_rows], c.v[:, cache_rows], c.key_valid[cache_rows]
-        cache.length = c.length
-        cache.all_valid = bool(cache.key_valid[:, :c.length].all())
+        cache = self.cache.gather_rows(cache_rows, 0)  # the committed slots, copied
         prev = None if self.prev_tokens is None else self.prev_tokens[rows]
         return GenerationState(cache, self.last_token[rows], self.last_valid[rows], prev, self.num_frames, self.capacity,
                                self.cfg, self.history_x[rows], self.history_a[rows], self.history_mask[rows])
@@ -617,7 +613,7 @@ class StarFlowV(nn.Module):
         x_tilde = unpatchify(x_tokens, c.patch_size, c.channels, c.frame_size, c.frame_size)
         h = inv.h
         peak = x_tilde.flatten(1).abs().amax(1)  # [B]; NaN if the frame has one
-        clamped = None
+        clamped = fix_state = None
         if bound is not None:
             clamped = ~(peak <= bound)  # NaN counts as outside
             if bool(clamped.any()):
@@ -629,7 +625,7 @@ class StarFlowV(nn.Module):
                 nll[rows], h[rows] = fix.nll.to(nll.dtype), fix.slot_features.to(h.dtype)
 
         reward, term = self._commit_frame(state, x_tilde, u, action)
-        if clamped is not None and bool(clamped.any()):
+        if fix_state is not None:
             state.replace_rows(rows, fix_state)
         return FrameSample(x_tilde, nll, h.mean(1), reward, term, inv.iterations, inv.passes, shallow_passes, h, clamped,
                            peak)
