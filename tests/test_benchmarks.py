@@ -156,3 +156,51 @@ def test_dream_range_compares_bounds_on_the_same_seeds(tmp_path, monkeypatch):
         bench.main(["--checkpoint", str(ckpt), "--policy", str(tmp_path / "absent.zip")])
     with pytest.raises(SystemExit, match="--bound-sigmas"):
         bench.main(["--checkpoint", str(ckpt), "--bound-sigmas", "-1"])
+
+
+def write_agent_run(folder: Path, evals: list[list[tuple[int, float, float]]], selected: str | None = None) -> Path:
+    """An agent folder as `sfv-world agent` leaves it: seed<k>/eval.csv written by EvalLog (rows of
+    (timesteps, dreamed return, real return)), and result.json with the selection when one is named."""
+    from sfv_world.agents.imagination import EvalLog
+
+    for k, rows in enumerate(evals):
+        (folder / f"seed{k}").mkdir(parents=True)
+        log = EvalLog(folder / f"seed{k}" / "eval.csv")
+        for steps, dreamed, real in rows:
+            log.write({"timesteps": steps, "imagined_return_mean": dreamed, "real_return_mean": real})
+        log.close()
+    if selected:
+        (folder / "result.json").write_text(json.dumps({"real_return_mean": 150.25,
+                                                        "selection": {"selected": selected}}))
+    return folder
+
+
+def test_agent_paired_compares_each_run_with_the_first_seed_by_seed(tmp_path, monkeypatch):
+    """Per-seed real returns at the last (or --at) evaluation; paired difference and wins against the first run;
+    the selection where a run made one; malformed runs and missing evaluations are named."""
+    base = write_agent_run(tmp_path / "a", [[(50, 60.0, 100.0)], [(50, 61.0, 80.0)], [(50, 59.0, 120.0)]])
+    other = write_agent_run(tmp_path / "b", [[(25, 70.0, 90.0), (50, 80.0, 130.0)], [(50, 90.0, 70.0)],
+                                             [(50, 85.0, 150.0)]], selected="seed2@40000")
+    bench = load_benchmark("agent_paired")
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
+    bench.main(["--run", f"before={base}", "--run", f"after={other}", "--name", "paired"])
+    rows = json.loads((tmp_path / "results" / "paired.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["before", "after"]
+    assert (rows[0]["seed0"], rows[0]["seed1"], rows[0]["seed2"], rows[0]["mean"]) == (100.0, 80.0, 120.0, 100.0)
+    assert "paired_diff" not in rows[0] and "selected" not in rows[0]
+    assert rows[1]["seed0"] == 130.0 and rows[1]["dreamed_mean"] == 85.0  # each seed's last evaluation
+    assert rows[1]["paired_diff"] == pytest.approx((30 - 10 + 30) / 3, abs=0.05) and rows[1]["better"] == "2 of 3"
+    assert (rows[1]["selected"], rows[1]["selected_return"]) == ("seed2@40000", 150.2)
+    assert "| after | 3 |" in (tmp_path / "results" / "paired.md").read_text()
+
+    bench.main(["--run", f"before={base}", "--run", f"after={other}", "--at", "20", "--name", "early"])
+    early = json.loads((tmp_path / "results" / "early.json").read_text())["rows"][1]
+    assert early["seed0"] == 90.0 and early["seed1"] == 70.0  # the first evaluation at or past 20 steps
+    with pytest.raises(SystemExit, match="seed0.eval.csv: no real evaluation at or past 60"):
+        bench.main(["--run", f"before={base}", "--run", f"after={other}", "--at", "60"])
+    with pytest.raises(SystemExit, match="expected label=folder"):
+        bench.main(["--run", str(base), "--run", f"after={other}"])
+    with pytest.raises(SystemExit, match="absent.*not found"):
+        bench.main(["--run", f"before={base}", "--run", f"after={tmp_path / 'absent'}"])
+    with pytest.raises(SystemExit, match="at least two runs"):
+        bench.main(["--run", f"before={base}"])
