@@ -92,11 +92,10 @@ def paired_rows(runs: list[tuple[str, Path]], at: int | None) -> list[dict[str, 
         row["mean"] = round(float(np.mean(real)), 1)
         row["dreamed_mean"] = round(float(np.mean([s["dreamed"] for s in seeds])), 1)
         n = min(len(base), len(real))
-        if rows and n:
-            diff = np.array(real[:n]) - np.array(base[:n])
-            row["paired_diff"] = round(float(diff.mean()), 1)
-            row["better"] = f"{int((diff > 0).sum())} of {n}"
-        row.update(selection_summary(folder))
+        diff = np.array(real[:n]) - np.array(base[:n])
+        row["paired_diff"] = round(float(diff.mean()), 1) if rows and n else ""
+        row["better"] = f"{int((diff > 0).sum())} of {n}" if rows and n else ""
+        row.update(selection_summary(folder) or {"selected": "", "selected_return": ""})
         rows.append(row)
     return rows
 
@@ -118,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = paired_rows(runs, args.at)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    most = max(int(row["seeds"]) for row in rows)
+    columns = ["run", "seeds", *(f"seed{k}" for k in range(most)), "mean", "dreamed_mean", "paired_diff", "better",
+               "selected", "selected_return"]
     compares = ("Real return of each PPO seed over its own 20 real CartPole episodes (seeds 10000 + seed, the same in "
                 "every run), " + ("at the last evaluation" if args.at is None else f"at {args.at} imagined steps")
                 + "; dreamed_mean: the training episodes' mean return in the dream there; paired_diff: the mean "

@@ -187,11 +187,12 @@ def test_agent_paired_compares_each_run_with_the_first_seed_by_seed(tmp_path, mo
     rows = json.loads((tmp_path / "results" / "paired.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["before", "after"]
     assert (rows[0]["seed0"], rows[0]["seed1"], rows[0]["seed2"], rows[0]["mean"]) == (100.0, 80.0, 120.0, 100.0)
-    assert "paired_diff" not in rows[0] and "selected" not in rows[0]
+    assert rows[0]["paired_diff"] == rows[0]["selected"] == ""  # the reference; chose without real episodes
     assert rows[1]["seed0"] == 130.0 and rows[1]["dreamed_mean"] == 85.0  # each seed's last evaluation
     assert rows[1]["paired_diff"] == pytest.approx((30 - 10 + 30) / 3, abs=0.05) and rows[1]["better"] == "2 of 3"
     assert (rows[1]["selected"], rows[1]["selected_return"]) == ("seed2@40000", 150.2)
-    assert "| after | 3 |" in (tmp_path / "results" / "paired.md").read_text()
+    table = (tmp_path / "results" / "paired.md").read_text()
+    assert "| run | seeds | seed0 | seed1 | seed2 | mean | dreamed_mean | paired_diff | better | selected |" in table
 
     bench.main(["--run", f"before={base}", "--run", f"after={other}", "--at", "20", "--name", "early"])
     early = json.loads((tmp_path / "results" / "early.json").read_text())["rows"][1]
