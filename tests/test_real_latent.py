@@ -1,0 +1,120 @@
+"""RealLatentVecEnv (the real env seen through the world model's features) and the latent-oracle benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cartpole_checkpoint(tmp_path_factory):
+    """A random CartPole-pixels dataset (3 episodes) and a tiny world model on it."""
+    from dream_fixtures import make_tiny_checkpoint
+
+    from sfv_world.datasets import RandomPolicy, collect
+    from sfv_world.envs.sources import make_source_env
+
+    root = tmp_path_factory.mktemp("real_latent")
+    env = make_source_env({"id": "CartPole-v1", "frame_source": "render", "kwargs": {}})
+    collect(env, root / "cartpole", RandomPolicy(env.action_space, seed=0), episodes=3, frame_size=32, progress=False)
+    env.close()
+    return make_tiny_checkpoint(root / "ckpt.pt", root / "cartpole", termination_bias=-3.0)
+
+
+def real_latent_env(checkpoint: Path, n: int = 2, horizon: int | None = 3):
+    """(RealLatentVecEnv of n rows on the checkpoint's CartPole view, its real env config)."""
+    from sfv_world.agents.real_latent import RealLatentVecEnv
+    from sfv_world.world import WorldRuntime
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _common import cartpole_view
+
+    runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=n, seed=0)
+    env_cfg = cartpole_view(runtime, str(checkpoint), "the test")[1]
+    return RealLatentVecEnv(env_cfg, runtime, horizon=horizon), env_cfg
+
+
+def test_observations_are_the_features_of_the_real_frames_and_rows_restart_alone(cartpole_checkpoint):
+    """reset: float32 [N, D], the runtime's features of the real first frames; the horizon truncates with SB3's
+    infos; a finished row restarts from its next seed's real frame; the same seed replays the same observations."""
+    from sfv_world.agents.evaluation import ObservationSpec, make_real_pixel_env
+
+    venv, env_cfg = real_latent_env(cartpole_checkpoint, horizon=3)
+    venv.seed(5)
+    obs = venv.reset()
+    assert obs.shape == (2, venv.runtime.feature_dim) and obs.dtype == np.float32
+    assert venv.observation_space.contains(obs[0])
+    expected = venv.runtime.sibling(2, seed=5).reset(venv.frames[:, None], np.zeros((2, 0), np.int64)).features
+    np.testing.assert_array_equal(obs, expected)
+    trace = [obs]
+    for step in range(3):
+        obs, rewards, dones, infos = venv.step(np.array([0, 1]))
+        trace.append(obs)
+        assert rewards.dtype == np.float32 and rewards.tolist() == [1.0, 1.0]
+        if step < 2:
+            assert not dones.any() and infos == [{}, {}]
+    assert dones.all()  # the horizon, not the pole: 3 steps from upright
+    for i in range(2):
+        assert infos[i]["TimeLimit.truncated"] is True and infos[i]["terminal_observation"].shape == obs[i].shape
+        assert not np.array_equal(infos[i]["terminal_observation"], obs[i])
+    spec = ObservationSpec.from_runtime(venv.runtime, "latent", 1)
+    real = make_real_pixel_env(env_cfg, spec)
+    np.testing.assert_array_equal(venv.frames[1], real.reset(seed=5 + 1 + 2 * 1)[0])  # row 1's second episode
+    real.close()
+    assert venv.episodes.tolist() == [2, 2] and venv.lengths.tolist() == [0, 0]
+
+    again, _ = real_latent_env(cartpole_checkpoint, horizon=3)
+    again.seed(5)
+    replay = [again.reset()] + [again.step(np.array([0, 1]))[0] for _ in range(3)]
+    for x, y in zip(trace, replay):
+        np.testing.assert_array_equal(x, y)
+    venv.close(), again.close()
+
+
+def test_bad_input_is_named(cartpole_checkpoint):
+    venv, _ = real_latent_env(cartpole_checkpoint)
+    with pytest.raises(RuntimeError, match="before reset"):
+        venv.step(np.array([0, 1]))
+    venv.reset()
+    with pytest.raises(ValueError, match=r"actions\[1\] = 2"):
+        venv.step_async(np.array([0, 2]))
+    with pytest.raises(ValueError, match="horizon"):
+        real_latent_env(cartpole_checkpoint, horizon=0)
+    venv.close()
+
+
+def test_ppo_learns_on_it_and_the_oracle_benchmark_pairs_seeds(cartpole_checkpoint, tmp_path, monkeypatch):
+    """SB3 PPO runs on the env; latent_oracle trains the preset's recipe (overridden small) for each seed and
+    evaluates on real episodes, one row per seed plus their mean; bad overrides are named."""
+    from stable_baselines3 import PPO
+
+    venv, _ = real_latent_env(cartpole_checkpoint, horizon=20)
+    PPO("MlpPolicy", venv, n_steps=8, batch_size=8, seed=0, device="cpu").learn(32)
+    venv.close()
+
+    spec = importlib.util.spec_from_file_location("bench_latent_oracle", REPO / "benchmarks" / "latent_oracle.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
+    small = ["--set", "n_envs=2", "--set", "horizon=10", "--set", "algo_kwargs.n_steps=8",
+             "--set", "algo_kwargs.batch_size=8"]
+    bench.main(["--checkpoint", str(cartpole_checkpoint), "--seeds", "2", "--timesteps", "16", "--eval-every", "16",
+                "--episodes", "1", *small, "--name", "oracle"])
+    out = json.loads((tmp_path / "results" / "oracle.json").read_text())
+    rows = out["rows"]
+    assert [r["seed"] for r in rows] == [0, 1, "mean"]
+    for r in rows[:2]:
+        assert r["real_16"] >= 1 and r["real_frames"] == 16
+    assert rows[2]["real_16"] == pytest.approx((rows[0]["real_16"] + rows[1]["real_16"]) / 2, abs=0.05)
+    assert out["config"]["set"][0] == "n_envs=2"
+    with pytest.raises(SystemExit, match="--set 'nenvs=2'"):
+        bench.main(["--checkpoint", str(cartpole_checkpoint), "--set", "nenvs=2"])
+    with pytest.raises(SystemExit, match="--checkpoint .*absent.pt: no such file"):
+        bench.main(["--checkpoint", str(tmp_path / "absent.pt")])
