@@ -31,8 +31,9 @@ from _common import write_results
 
 
 def parse_run(text: str) -> tuple[str, Path]:
-    """``label=folder`` -> (label, folder); exits naming the argument if it is malformed or has no seeds."""
-    label, sep, folder = text.partition("=")
+    """``label=folder`` (split at the last ``=``, so a label may hold one: ``sampler.temperature=0.5=runs/a``) ->
+    (label, folder); exits naming the argument if it is malformed or has no seeds."""
+    label, sep, folder = text.rpartition("=")
     if not sep or not label.strip() or not folder.strip():
         raise SystemExit(f"--run {text!r}: expected label=folder")
     path = Path(folder.strip())

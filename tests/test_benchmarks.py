@@ -183,9 +183,9 @@ def test_agent_paired_compares_each_run_with_the_first_seed_by_seed(tmp_path, mo
                                              [(50, 85.0, 150.0)]], selected="seed2@40000")
     bench = load_benchmark("agent_paired")
     monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
-    bench.main(["--run", f"before={base}", "--run", f"after={other}", "--name", "paired"])
+    bench.main(["--run", f"before={base}", "--run", f"x.y=0.5={other}", "--name", "paired"])
     rows = json.loads((tmp_path / "results" / "paired.json").read_text())["rows"]
-    assert [r["run"] for r in rows] == ["before", "after"]
+    assert [r["run"] for r in rows] == ["before", "x.y=0.5"]
     assert (rows[0]["seed0"], rows[0]["seed1"], rows[0]["seed2"], rows[0]["mean"]) == (100.0, 80.0, 120.0, 100.0)
     assert rows[0]["paired_diff"] == rows[0]["selected"] == ""  # the reference; chose without real episodes
     assert rows[1]["seed0"] == 130.0 and rows[1]["dreamed_mean"] == 85.0  # each seed's last evaluation
@@ -193,6 +193,7 @@ def test_agent_paired_compares_each_run_with_the_first_seed_by_seed(tmp_path, mo
     assert (rows[1]["selected"], rows[1]["selected_return"]) == ("seed2@40000", 150.2)
     table = (tmp_path / "results" / "paired.md").read_text()
     assert "| run | seeds | seed0 | seed1 | seed2 | mean | dreamed_mean | paired_diff | better | selected |" in table
+    assert "| x.y=0.5 | 3 |" in table
 
     bench.main(["--run", f"before={base}", "--run", f"after={other}", "--at", "20", "--name", "early"])
     early = json.loads((tmp_path / "results" / "early.json").read_text())["rows"][1]
