@@ -103,19 +103,18 @@ def train_oracle(checkpoint: str, agent: dict, seed: int, timesteps: int, eval_e
 
 
 def dream_returns(folder: str | None, seeds: list[int]) -> dict[int, float]:
-    """The dream agents' last real return per seed (``<agent folder>/seed<k>/eval.csv``); {} without a folder."""
+    """The dream agents' last real return per seed (``agent_paired.seed_results``); {} without a folder."""
     if folder is None:
         return {}
-    from sfv_world.agents.imagination import read_eval_csv
+    from agent_paired import seed_results
 
-    out = {}
-    for k in seeds:
-        path = Path(folder) / f"seed{k}" / "eval.csv"
-        if not path.is_file():
-            raise SystemExit(f"--dream-run {folder}: {path} not found")
-        real = read_eval_csv(path)["real_return_mean"]
-        out[k] = float(real[np.isfinite(real)][-1])
-    return out
+    try:
+        found = seed_results(Path(folder), None)
+    except ValueError as e:
+        raise SystemExit(f"--dream-run {folder}: {e}") from None
+    if len(found) < len(seeds):
+        raise SystemExit(f"--dream-run {folder}: {len(found)} seed folders with eval.csv, {len(seeds)} needed")
+    return {k: found[k]["real"] for k in seeds}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,5 +116,7 @@ def test_ppo_learns_on_it_and_the_oracle_benchmark_pairs_seeds(cartpole_checkpoi
     assert out["config"]["set"][0] == "n_envs=2"
     with pytest.raises(SystemExit, match="--set 'nenvs=2'"):
         bench.main(["--checkpoint", str(cartpole_checkpoint), "--set", "nenvs=2"])
+    with pytest.raises(SystemExit, match="--dream-run .*none: 0 seed folders with eval.csv, 2 needed"):
+        bench.main(["--checkpoint", str(cartpole_checkpoint), "--seeds", "2", "--dream-run", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="--checkpoint .*absent.pt: no such file"):
         bench.main(["--checkpoint", str(tmp_path / "absent.pt")])
