@@ -10,6 +10,11 @@ Training there costs real frames, so it is not a way to meet a real-frame budget
 of the dream route: the same observation, recipe and step count with perfect physics
 (``benchmarks/latent_oracle.py``). SB3's auto-reset contract holds as in the dream's VecEnv:
 ``terminal_observation`` and ``TimeLimit.truncated`` in the infos of a finished row, which restarts alone.
+
+Every step's infos also carry the world model's ``termination_logit`` on the real frame (as the dream's do,
+so ``TerminationPenaltyVecEnv`` applies unchanged) and the real env's own info. With ``termination_threshold``
+the dream's termination rule is added to the real one: an episode also ends once the head's probability on the
+real frame passes the threshold (``info["head_terminated"]``), which isolates the head's part in the dream.
 """
 
 from __future__ import annotations
@@ -29,15 +34,21 @@ class RealLatentVecEnv(VecEnv):
 
     env_cfg: the real env's config (its crop must match the runtime's dataset: ``spec.check_env``);
     runtime: a ``WorldRuntime`` of batch size N (its ``features`` setting picks mean or slot features);
-    horizon: truncate an episode after this many steps (None: only the env's own time limit).
+    horizon: truncate an episode after this many steps (None: only the env's own time limit);
+    termination_threshold: also terminate when sigmoid(termination logit) of the real frame passes this, in (0, 1)
+    (None: only the real env terminates).
     Episode k of row i (counted over the run) uses seed ``seed() + i + N * k``, so a seeded run is reproducible.
     """
 
-    def __init__(self, env_cfg: Any, runtime, horizon: int | None = None):
+    def __init__(self, env_cfg: Any, runtime, horizon: int | None = None, termination_threshold: float | None = None):
         spec = ObservationSpec.from_runtime(runtime, "latent", 1)
         spec.check_env(env_cfg)
         if horizon is not None and int(horizon) < 1:
             raise ValueError(f"RealLatentVecEnv: horizon must be >= 1 or None, got {horizon}")
+        if termination_threshold is not None and not 0.0 < float(termination_threshold) < 1.0:
+            raise ValueError(f"RealLatentVecEnv: termination_threshold must be in (0, 1) or None, "
+                             f"got {termination_threshold}")
+        self.termination_threshold = None if termination_threshold is None else float(termination_threshold)
         n = int(runtime.batch_size)
         self.runtime, self.horizon = runtime, None if horizon is None else int(horizon)
         self.envs = [make_real_pixel_env(env_cfg, dataclasses.replace(spec, frame_stack=1)) for _ in range(n)]
@@ -94,20 +105,30 @@ class RealLatentVecEnv(VecEnv):
         n = self.num_envs
         rewards = np.zeros(n, dtype=np.float32)
         terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        infos: list[dict[str, Any]] = []
         for i, env in enumerate(self.envs):
-            frame, r, term, trunc, _ = env.step(actions[i])
+            frame, r, term, trunc, info = env.step(actions[i])
             self.frames[i] = frame
             rewards[i], terminated[i], truncated[i] = float(r), bool(term), bool(trunc)
+            infos.append(dict(info))
         self.lengths += 1
         if self.horizon is not None:
             truncated |= self.lengths >= self.horizon
-        obs = self.runtime.observe(self.frames, actions).features.astype(np.float32)  # [N, D]
+        seen = self.runtime.observe(self.frames, actions)
+        obs = seen.features.astype(np.float32)  # [N, D]
+        head = np.zeros(n, dtype=bool)
+        if self.termination_threshold is not None:
+            head = seen.termination_prob > self.termination_threshold
+            terminated |= head
+        truncated &= ~terminated
+        for i in range(n):
+            infos[i]["termination_logit"] = float(seen.termination_logit[i])
+            infos[i]["head_terminated"] = bool(head[i])
         dones = terminated | truncated
-        infos: list[dict[str, Any]] = [{} for _ in range(n)]
         rows = np.flatnonzero(dones)
         for i in rows:
             infos[i]["terminal_observation"] = obs[i].copy()
-            infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+            infos[i]["TimeLimit.truncated"] = bool(truncated[i])
         if rows.size:
             obs[rows] = self._start(rows)
         return obs, rewards, dones, infos

@@ -11,7 +11,10 @@ agent of that seed (seeds 10000 + seed). If the oracle is far above the dream ag
 holds them back; if it is not, the recipe or the features are.
 
 It spends real frames (``--timesteps`` per seed), so it is a diagnostic, not an agent for the budget.
-The termination penalty needs the dream's head and is not applied; rewards are the real env's.
+By default rewards and terminations are the real env's. ``--dream-rules`` adds the dream's own: an episode also
+ends once the termination head's probability on the real frame passes the preset's ``termination_threshold``,
+and each reward loses the preset's termination penalty (``TerminationPenaltyVecEnv``), so the only difference
+left to the dream is its physics and its frames.
 Writes ``benchmarks/results/<name>.json`` and ``.md``.
 """
 
@@ -48,12 +51,14 @@ def preset_agent(preset: str, overrides: list[str]) -> dict:
 
 
 def train_oracle(checkpoint: str, agent: dict, seed: int, timesteps: int, eval_every: int,
-                 episodes: int) -> dict:
+                 episodes: int, save_dir: str | None = None, dream_rules: bool = False) -> dict:
     """One seed: PPO on ``RealLatentVecEnv`` for ``timesteps`` real steps; real evaluations every
-    ``eval_every`` steps on episodes 10000 + seed. Returns {real_<steps>: mean return, train_return, ...}."""
+    ``eval_every`` steps on episodes 10000 + seed. With ``save_dir`` the policy is saved as
+    ``<save_dir>/seed<seed>/policy.zip``; ``dream_rules``: the head's terminations and the penalty too.
+    Returns {real_<steps>: mean return, train_return, ...}."""
     import torch
     from sfv_world.agents.evaluation import evaluate_real
-    from sfv_world.agents.imagination import RandomActionVecEnv, latent_feature_stats
+    from sfv_world.agents.imagination import RandomActionVecEnv, TerminationPenaltyVecEnv, latent_feature_stats
     from sfv_world.agents.policies import StandardizedFeatures, algo_class, policy_for, resolve_schedules
     from sfv_world.agents.real_latent import RealLatentVecEnv
     from sfv_world.world import WorldRuntime
@@ -64,13 +69,17 @@ def train_oracle(checkpoint: str, agent: dict, seed: int, timesteps: int, eval_e
     runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=int(agent["n_envs"]), seed=seed,
                                            features=str(agent.get("latent_features", "mean")))
     spec, env_cfg = cartpole_view(runtime, checkpoint, "the latent oracle")
-    venv = RealLatentVecEnv(env_cfg, runtime, horizon=int(agent["horizon"]))
+    threshold = float(agent["termination_threshold"]) if dream_rules else None
+    venv = RealLatentVecEnv(env_cfg, runtime, horizon=int(agent["horizon"]), termination_threshold=threshold)
     venv.seed(seed)
     mean, std = latent_feature_stats(venv, seed=seed)
     name, kwargs = policy_for("latent", venv.observation_space, None)
     kwargs = {**kwargs, "features_extractor_class": StandardizedFeatures,
               "features_extractor_kwargs": {"mean": mean.tolist(), "std": std.tolist()}}
     monitored = VecMonitor(venv)
+    if dream_rules and float(agent["termination_penalty"]) > 0:
+        monitored = TerminationPenaltyVecEnv(monitored, float(agent["termination_penalty"]),
+                                             float(agent["termination_penalty_temperature"]))
     if float(agent["action_noise"]) > 0:
         monitored = RandomActionVecEnv(monitored, float(agent["action_noise"]), seed=seed)
     model = algo_class(str(agent["algo"]))(name, monitored, policy_kwargs=kwargs, seed=seed, device="cpu", verbose=0,
@@ -98,6 +107,8 @@ def train_oracle(checkpoint: str, agent: dict, seed: int, timesteps: int, eval_e
     row["train_return"] = round(float(np.mean([i["r"] for i in infos])), 1) if infos else None
     row["real_frames"] = int(model.num_timesteps)
     row["wall_s"] = round(time.perf_counter() - start, 1)
+    if save_dir is not None:
+        model.save(Path(save_dir) / f"seed{seed}" / "policy.zip")
     monitored.close()
     return row
 
@@ -128,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="default: the preset's agent.eval_every")
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--dream-run", default=None, help="an agent folder (<run_dir>/agent/ppo-latent) to pair with")
+    p.add_argument("--dream-rules", action="store_true",
+                   help="end episodes by the termination head too and apply the termination penalty, as the dream does")
+    p.add_argument("--save-dir", default=None, help="save each seed's policy as <dir>/seed<k>/policy.zip")
     p.add_argument("--name", default="latent_oracle")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
@@ -143,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     dream = dream_returns(args.dream_run, seeds)
     rows = []
     for seed in seeds:
-        row = train_oracle(args.checkpoint, agent, seed, timesteps, eval_every, args.episodes)
+        row = train_oracle(args.checkpoint, agent, seed, timesteps, eval_every, args.episodes, args.save_dir,
+                           args.dream_rules)
         if dream:
             row["dream_agent_real"] = round(dream[seed], 1)
         rows.append(row)
@@ -155,11 +170,16 @@ def main(argv: list[str] | None = None) -> None:
                             f"{agent['horizon']}, action noise {agent['action_noise']}, {agent['algo_kwargs']}) "
                             f"trained {timesteps} steps on the world model's features of real CartPole frames; "
                             f"real_<k>k: mean return over {args.episodes} real episodes (seeds 10000 + seed) at k "
-                            "thousand steps; train_return: the last training episodes' mean return (horizon and "
+                            "thousand steps; "
+                            + ("dream rules: episodes also end when the termination head passes "
+                               f"{agent['termination_threshold']} on the real frame and rewards lose the penalty "
+                               f"(c = {agent['termination_penalty']}); " if args.dream_rules else "")
+                            + "train_return: the last training episodes' mean return (horizon and "
                             "action noise included); dream_agent_real: the dream-trained agent of the same seed on "
                             "the same episodes."),
                   config={"checkpoint": args.checkpoint, "preset": args.preset, "set": args.set, "timesteps": timesteps,
-                          "eval_every": eval_every, "episodes": args.episodes, "dream_run": args.dream_run})
+                          "eval_every": eval_every, "episodes": args.episodes, "dream_run": args.dream_run,
+                          "save_dir": args.save_dir, "dream_rules": args.dream_rules})
 
 
 if __name__ == "__main__":

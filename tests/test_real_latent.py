@@ -28,7 +28,7 @@ def cartpole_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(root / "ckpt.pt", root / "cartpole", termination_bias=-3.0)
 
 
-def real_latent_env(checkpoint: Path, n: int = 2, horizon: int | None = 3):
+def real_latent_env(checkpoint: Path, n: int = 2, horizon: int | None = 3, termination_threshold: float | None = None):
     """(RealLatentVecEnv of n rows on the checkpoint's CartPole view, its real env config)."""
     from sfv_world.agents.real_latent import RealLatentVecEnv
     from sfv_world.world import WorldRuntime
@@ -38,7 +38,7 @@ def real_latent_env(checkpoint: Path, n: int = 2, horizon: int | None = 3):
 
     runtime = WorldRuntime.from_checkpoint(checkpoint, batch_size=n, seed=0)
     env_cfg = cartpole_view(runtime, str(checkpoint), "the test")[1]
-    return RealLatentVecEnv(env_cfg, runtime, horizon=horizon), env_cfg
+    return RealLatentVecEnv(env_cfg, runtime, horizon=horizon, termination_threshold=termination_threshold), env_cfg
 
 
 def test_observations_are_the_features_of_the_real_frames_and_rows_restart_alone(cartpole_checkpoint):
@@ -59,7 +59,9 @@ def test_observations_are_the_features_of_the_real_frames_and_rows_restart_alone
         trace.append(obs)
         assert rewards.dtype == np.float32 and rewards.tolist() == [1.0, 1.0]
         if step < 2:
-            assert not dones.any() and infos == [{}, {}]
+            assert not dones.any()
+            assert [sorted(i) for i in infos] == [["head_terminated", "termination_logit"]] * 2
+            assert not any(i["head_terminated"] for i in infos)
     assert dones.all()  # the horizon, not the pole: 3 steps from upright
     for i in range(2):
         assert infos[i]["TimeLimit.truncated"] is True and infos[i]["terminal_observation"].shape == obs[i].shape
@@ -78,6 +80,37 @@ def test_observations_are_the_features_of_the_real_frames_and_rows_restart_alone
     venv.close(), again.close()
 
 
+def test_infos_carry_the_heads_logit_and_the_head_can_end_episodes(cartpole_checkpoint):
+    """infos[i]["termination_logit"] is the world model's logit on the real frame (a runtime fed the same frames
+    agrees); with termination_threshold below the head's probability (the tiny model's bias gives ~0.05) every
+    episode ends at its first step as terminated (not truncated), and above it none does."""
+    from sfv_world.agents.evaluation import ObservationSpec, make_real_pixel_env
+
+    venv, env_cfg = real_latent_env(cartpole_checkpoint, horizon=None, termination_threshold=0.01)
+    venv.seed(3)
+    venv.reset()
+    twin = venv.runtime.sibling(2, seed=3)
+    twin.reset(venv.frames[:, None], np.zeros((2, 0), np.int64))
+    obs, _, dones, infos = venv.step(np.array([1, 0]))
+    replay = [make_real_pixel_env(env_cfg, ObservationSpec.from_runtime(venv.runtime, "latent", 1)) for _ in range(2)]
+    for i, env in enumerate(replay):
+        env.reset(seed=3 + i)  # row i's first episode
+    seen = np.stack([env.step(a)[0] for env, a in zip(replay, (1, 0))])
+    expected = twin.observe(seen, np.array([1, 0])).termination_logit
+    assert [i["termination_logit"] for i in infos] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert 1 / (1 + np.exp(-expected.max())) > 0.01
+    assert dones.all() and all(i["head_terminated"] and not i["TimeLimit.truncated"] for i in infos)
+    assert all(i["terminal_observation"].shape == obs[0].shape for i in infos)
+    assert venv.episodes.tolist() == [2, 2]
+    venv.close()
+
+    lenient, _ = real_latent_env(cartpole_checkpoint, horizon=None, termination_threshold=0.99)
+    lenient.reset()
+    _, _, dones, infos = lenient.step(np.array([1, 0]))
+    assert not dones.any() and not any(i["head_terminated"] for i in infos)
+    lenient.close()
+
+
 def test_bad_input_is_named(cartpole_checkpoint):
     venv, _ = real_latent_env(cartpole_checkpoint)
     with pytest.raises(RuntimeError, match="before reset"):
@@ -87,6 +120,8 @@ def test_bad_input_is_named(cartpole_checkpoint):
         venv.step_async(np.array([0, 2]))
     with pytest.raises(ValueError, match="horizon"):
         real_latent_env(cartpole_checkpoint, horizon=0)
+    with pytest.raises(ValueError, match="termination_threshold must be in"):
+        real_latent_env(cartpole_checkpoint, termination_threshold=1.5)
     venv.close()
 
 
@@ -114,6 +149,11 @@ def test_ppo_learns_on_it_and_the_oracle_benchmark_pairs_seeds(cartpole_checkpoi
         assert r["real_16"] >= 1 and r["real_frames"] == 16
     assert rows[2]["real_16"] == pytest.approx((rows[0]["real_16"] + rows[1]["real_16"]) / 2, abs=0.05)
     assert out["config"]["set"][0] == "n_envs=2"
+    bench.main(["--checkpoint", str(cartpole_checkpoint), "--seeds", "1", "--timesteps", "16", "--eval-every", "16",
+                "--episodes", "1", *small, "--dream-rules", "--save-dir", str(tmp_path / "saved"), "--name", "rules"])
+    out = json.loads((tmp_path / "results" / "rules.json").read_text())
+    assert out["config"]["dream_rules"] is True and "dream rules: episodes also end" in out["compares"]
+    assert PPO.load(tmp_path / "saved" / "seed0" / "policy.zip", device="cpu").num_timesteps == 16
     with pytest.raises(SystemExit, match="--set 'nenvs=2'"):
         bench.main(["--checkpoint", str(cartpole_checkpoint), "--set", "nenvs=2"])
     with pytest.raises(SystemExit, match="--dream-run .*none: 0 seed folders with eval.csv, 2 needed"):
