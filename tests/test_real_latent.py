@@ -160,3 +160,38 @@ def test_ppo_learns_on_it_and_the_oracle_benchmark_pairs_seeds(cartpole_checkpoi
         bench.main(["--checkpoint", str(cartpole_checkpoint), "--seeds", "2", "--dream-run", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="--checkpoint .*absent.pt: no such file"):
         bench.main(["--checkpoint", str(tmp_path / "absent.pt")])
+
+
+def test_dream_endings_compares_how_episodes_end_in_both_worlds(cartpole_checkpoint, tmp_path, monkeypatch):
+    """dream_endings plays one latent policy in the dream and in the real env (per_row episodes per world row):
+    at a head threshold below the tiny model's ~0.05 every dream episode ends at its first step by the head,
+    while real episodes run to the horizon and the head, on the real frames, would have ended each of them
+    early; above it the dream runs to the horizon too. A missing agent file is named."""
+    from stable_baselines3 import PPO
+
+    venv, _ = real_latent_env(cartpole_checkpoint, horizon=5)
+    PPO("MlpPolicy", venv, n_steps=8, batch_size=8, seed=0, device="cpu").learn(8).save(tmp_path / "agent.zip")
+    venv.close()
+    spec = importlib.util.spec_from_file_location("bench_dream_endings", REPO / "benchmarks" / "dream_endings.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
+    dataset = cartpole_checkpoint.parent / "cartpole"
+    common = ["--checkpoint", str(cartpole_checkpoint), "--dataset", str(dataset), "--agent",
+              f"a=b={tmp_path / 'agent.zip'}", "--set", "n_envs=2", "--set", "horizon=5", "--set", "action_noise=0.5",
+              "--per-row", "2", "--probe-episodes", "3"]
+    bench.main([*common, "--set", "termination_threshold=0.01", "--name", "strict"])
+    rows = json.loads((tmp_path / "results" / "strict.json").read_text())["rows"]
+    dream, real = rows
+    assert (dream["agent"], dream["world"], real["world"]) == ("a=b", "dream", "real")
+    assert dream["episodes"] == real["episodes"] == 4
+    assert dream["length_mean"] == 1 and dream["terminated"] == 1.0 and 0 <= dream["upright_ends"] <= 1
+    assert real["length_mean"] == 5 and real["terminated"] == 0.0 and real["by_angle"] == 0.0
+    assert real["head_early"] == 1.0 and real["head_early_steps"] == 4
+    bench.main([*common, "--set", "termination_threshold=0.9", "--worlds", "dream", "--name", "lenient"])
+    rows = json.loads((tmp_path / "results" / "lenient.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["length_mean"] == 5 and rows[0]["terminated"] == 0.0
+    with pytest.raises(SystemExit, match="--agent .*absent.zip: no such file"):
+        bench.main([*common[:4], "--agent", str(tmp_path / "absent.zip")])
+    with pytest.raises(SystemExit, match="--worlds dreams"):
+        bench.main([*common, "--worlds", "dreams"])
