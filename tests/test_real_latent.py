@@ -195,3 +195,49 @@ def test_dream_endings_compares_how_episodes_end_in_both_worlds(cartpole_checkpo
         bench.main([*common[:4], "--agent", str(tmp_path / "absent.zip")])
     with pytest.raises(SystemExit, match="--worlds dreams"):
         bench.main([*common, "--worlds", "dreams"])
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_dream_head_drift_analysis_bins_fires_by_angle_and_drops_steps_after_a_fall():
+    """analyse: two worlds, three steps. World 0 stays upright and its head fires at steps 2 and 3; world 1 falls
+    (probe 13 degrees) at step 2, so its later steps are left out even where it fires."""
+    bench = _bench("dream_head_drift")
+    rec = {"dream_logit": np.array([[-5.0, -5.0], [0.0, 5.0], [1.0, 5.0]]),
+           "twin_logit": np.array([[-5.0, -5.0], [0.0, -5.0], [-5.0, 5.0]]),
+           "theta_deg": np.array([[1.0, 3.0], [1.5, 13.0], [2.5, 1.0]]),
+           "x": np.zeros((3, 2)), "clamped": np.array([[False, False], [True, False], [False, False]])}
+    rows, summary = bench.analyse(rec, threshold=0.1, upright_deg=6.0)
+    assert [r["theta_deg"] for r in rows] == ["0-2", "2-4"]
+    assert rows[0]["steps"] == 2 and rows[0]["dream_fire"] == 0.5 and rows[0]["twin_fire"] == 0.5
+    assert rows[1]["steps"] == 2 and rows[1]["dream_fire"] == 0.5 and rows[1]["twin_fire"] == 0.0
+    assert summary["upright_steps"] == 4 and summary["upright_fire"] == 0.5
+    assert summary["upright_fire_clamped"] == 1.0 and summary["upright_fire_unclamped"] == pytest.approx(1 / 3, abs=1e-3)
+    assert summary["fire_again_next_step"] == 1.0 and summary["worlds_with_upright_fire"] == "1 of 2"
+    assert summary["first_upright_fire_step_median"] == 2 and summary["first_upright_fire_theta_median"] == 1.5
+    assert bench.correlation(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0])) == 1.0
+    assert bench.correlation(np.array([1.0, 2.0]), np.array([3.0, 3.0])) is None
+
+
+def test_dream_head_drift_runs_a_policy_in_an_unending_dream(cartpole_checkpoint, tmp_path, monkeypatch):
+    """With a threshold below the tiny model's ~0.05 every step fires in the dream and in the twin; no world ends."""
+    from stable_baselines3 import PPO
+
+    venv, _ = real_latent_env(cartpole_checkpoint, horizon=5)
+    PPO("MlpPolicy", venv, n_steps=8, batch_size=8, seed=0, device="cpu").learn(8).save(tmp_path / "agent.zip")
+    venv.close()
+    bench = _bench("dream_head_drift")
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path / "results")
+    args = ["--checkpoint", str(cartpole_checkpoint), "--dataset", str(cartpole_checkpoint.parent / "cartpole"),
+            "--agent", str(tmp_path / "agent.zip"), "--set", "n_envs=2", "--steps", "4", "--probe-episodes", "3"]
+    bench.main([*args, "--set", "termination_threshold=0.01", "--name", "drift"])
+    out = json.loads((tmp_path / "results" / "drift.json").read_text())
+    assert sum(r["steps"] for r in out["rows"]) <= 8
+    assert all(r["dream_fire"] == 1.0 and r["twin_fire"] == 1.0 for r in out["rows"])
+    with pytest.raises(SystemExit, match="--agent .*absent.zip: not found"):
+        bench.main([*args[:4], "--agent", str(tmp_path / "absent.zip")])
