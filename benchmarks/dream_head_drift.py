@@ -15,7 +15,8 @@ Rows: per probe-angle bin, the steps, the share whose head probability passes th
 the dream and in the twin, and their median logits. The JSON's ``summary`` (also in the markdown) adds:
 the fire rate on upright frames (probe |theta| < ``--upright-deg``, |x| < 1.8) with and without clamping,
 how often an upright fire is followed by another fire on the next step, each world's first upright fire
-(median step and angle), and the correlation of the dream's and the twin's logits.
+(median step and angle, and how many came on or after a clamped frame), the worlds whose dreamed pole the probe
+reads past 12 degrees (a fall; median step), and the correlation of the dream's and the twin's logits.
 Writes ``benchmarks/results/<name>.json`` and ``.md``.
 """
 
@@ -91,9 +92,12 @@ def analyse(rec: dict, threshold: float, upright_deg: float) -> tuple[list[dict]
     upright = kept & (theta < upright_deg) & (rec["x"] < 1.8)
     spurious = upright & dream_fire
     follows = spurious[:-1] & dream_fire[1:]
-    first = [(int(np.argmax(spurious[:, i])), float(theta[np.argmax(spurious[:, i]), i]))
-             for i in range(theta.shape[1]) if spurious[:, i].any()]
     clamped = rec["clamped"]
+    first = []  # per world with an upright fire: (its step index, probe angle, a clamp on or before it)
+    for i in np.flatnonzero(spurious.any(0)):
+        t = int(np.argmax(spurious[:, i]))
+        first.append((t, float(theta[t, i]), bool(clamped[: t + 1, i].any())))
+    fell = (theta > 12.0).any(0)  # [N]: worlds whose dreamed pole the probe reads past the real limit
 
     def rate(mask):
         return round(float(dream_fire[mask].mean()), 3) if mask.any() else None
@@ -106,6 +110,9 @@ def analyse(rec: dict, threshold: float, upright_deg: float) -> tuple[list[dict]
         "worlds_with_upright_fire": f"{len(first)} of {theta.shape[1]}",
         "first_upright_fire_step_median": float(np.median([f[0] for f in first]) + 1) if first else None,
         "first_upright_fire_theta_median": round(float(np.median([f[1] for f in first])), 2) if first else None,
+        "first_upright_fire_after_a_clamp": f"{sum(f[2] for f in first)} of {len(first)}",
+        "worlds_fallen": f"{int(fell.sum())} of {theta.shape[1]}",
+        "first_fall_step_median": float(np.median(np.argmax(theta[:, fell] > 12.0, 0)) + 1) if fell.any() else None,
         "dream_twin_logit_corr": correlation(rec["dream_logit"][kept], rec["twin_logit"][kept]),
     }
     return rows, summary

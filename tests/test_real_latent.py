@@ -220,6 +220,8 @@ def test_dream_head_drift_analysis_bins_fires_by_angle_and_drops_steps_after_a_f
     assert summary["upright_fire_clamped"] == 1.0 and summary["upright_fire_unclamped"] == pytest.approx(1 / 3, abs=1e-3)
     assert summary["fire_again_next_step"] == 1.0 and summary["worlds_with_upright_fire"] == "1 of 2"
     assert summary["first_upright_fire_step_median"] == 2 and summary["first_upright_fire_theta_median"] == 1.5
+    assert summary["first_upright_fire_after_a_clamp"] == "1 of 1"
+    assert summary["worlds_fallen"] == "1 of 2" and summary["first_fall_step_median"] == 2
     assert bench.correlation(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0])) == 1.0
     assert bench.correlation(np.array([1.0, 2.0]), np.array([3.0, 3.0])) is None
 
