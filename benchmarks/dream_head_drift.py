@@ -36,6 +36,7 @@ BINS = ((0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12))
 
 def record(model, checkpoint: str, dataset: str, probe, agent: dict, steps: int, seed: int, progress) -> dict:
     """Arrays [steps, N]: dream_logit, twin_logit (float32), theta_deg, x (float64, the probe's), clamped (bool)."""
+    from dream_endings import act
     from sfv_world.envs.sb3 import DreamSB3VecEnv
 
     n = int(agent["n_envs"])
@@ -52,9 +53,7 @@ def record(model, checkpoint: str, dataset: str, probe, agent: dict, steps: int,
     obs = core.observations()
     out: dict[str, list] = {k: [] for k in ("dream_logit", "twin_logit", "theta_deg", "x", "clamped")}
     for _ in range(steps):
-        a = np.asarray(model.predict(obs, deterministic=False)[0]).astype(np.int64)
-        swap = rng.random(n) < float(agent["action_noise"])
-        a[swap] = rng.integers(0, 2, int(swap.sum()))
+        a = act(model, obs, float(agent["action_noise"]), rng, deterministic=False)
         obs, _, _, _, info = core.step(core.validate_actions(a))
         shown = core.frames()  # uint8 [N, h, w, C], the decoded dream
         state = probe(shown)
