@@ -192,6 +192,7 @@ def summarize(agent_label: str, world: str, episodes: list[dict], upright_deg: f
 
 
 def main(argv: list[str] | None = None) -> None:
+    import torch
     from latent_oracle import preset_agent
     from stable_baselines3 import PPO
     from tqdm import tqdm
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, path in agents:
         model = PPO.load(path, device="cpu")
         for world in worlds:
+            torch.manual_seed(args.seed)  # the policy samples its actions with torch's global generator
             bar = tqdm(total=total, desc=f"{label} in the {world}", unit="episode")
 
             def progress(log, bar=bar):

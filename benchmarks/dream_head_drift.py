@@ -44,8 +44,8 @@ def record(model, checkpoint: str, dataset: str, probe, agent: dict, steps: int,
                           frame_stack=1, horizon=steps + 1, context_frames=int(agent["context_frames"]),
                           context_start=str(agent["context_start"]), context_window=agent["context_window"],
                           dataset=dataset, termination_threshold=1.0 - 1e-12)  # the head never ends a world here
-    venv.seed(seed)
     core, rng = venv.core, np.random.default_rng(seed)
+    core.seed(seed)  # the context draw and the dream's sampling (reset_rows below bypasses the VecEnv's seeding)
     frames, actions = core.pool.sample(core.rng, n)
     core.reset_rows(np.arange(n), {"frames": frames, "actions": actions})
     twin = core.runtime.sibling(n, seed=seed + 1)
@@ -118,6 +118,7 @@ def analyse(rec: dict, threshold: float, upright_deg: float) -> tuple[list[dict]
 
 
 def main(argv: list[str] | None = None) -> None:
+    import torch
     from latent_oracle import preset_agent
     from stable_baselines3 import PPO
     from tqdm import tqdm
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     frame_size = int(load_checkpoint(args.checkpoint)["model_config"]["frame_size"])
     probe = fit_probe(reader, [int(e) for e in reader.episode_ids][: args.probe_episodes], frame_size)
     model = PPO.load(args.agent, device="cpu")
+    torch.manual_seed(args.seed)  # the policy samples its actions with torch's global generator
     with tqdm(total=args.steps, desc="dream steps", unit="step") as bar:
         rec = record(model, args.checkpoint, args.dataset, probe, agent, args.steps, args.seed, lambda: bar.update(1))
     threshold = float(agent["termination_threshold"])

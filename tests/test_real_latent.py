@@ -191,6 +191,8 @@ def test_dream_endings_compares_how_episodes_end_in_both_worlds(cartpole_checkpo
     bench.main([*common, "--set", "termination_threshold=0.9", "--worlds", "dream", "--name", "lenient"])
     rows = json.loads((tmp_path / "results" / "lenient.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["length_mean"] == 5 and rows[0]["terminated"] == 0.0
+    bench.main([*common, "--set", "termination_threshold=0.9", "--worlds", "dream", "--name", "again"])
+    assert json.loads((tmp_path / "results" / "again.json").read_text())["rows"] == rows  # seeded: the same dreams
     with pytest.raises(SystemExit, match="--agent .*absent.zip: no such file"):
         bench.main([*common[:4], "--agent", str(tmp_path / "absent.zip")])
     with pytest.raises(SystemExit, match="--worlds dreams"):
@@ -241,5 +243,9 @@ def test_dream_head_drift_runs_a_policy_in_an_unending_dream(cartpole_checkpoint
     out = json.loads((tmp_path / "results" / "drift.json").read_text())
     assert sum(r["steps"] for r in out["rows"]) <= 8
     assert all(r["dream_fire"] == 1.0 and r["twin_fire"] == 1.0 for r in out["rows"])
+    bench.main([*args, "--set", "action_noise=0", "--name", "once"])
+    bench.main([*args, "--set", "action_noise=0", "--name", "twice"])  # sampled actions: seeded, so the same
+    once, twice = (json.loads((tmp_path / "results" / f"{n}.json").read_text()) for n in ("once", "twice"))
+    assert once["rows"] == twice["rows"] and once["config"]["summary"] == twice["config"]["summary"]
     with pytest.raises(SystemExit, match="--agent .*absent.zip: not found"):
         bench.main([*args[:4], "--agent", str(tmp_path / "absent.zip")])
