@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cartpole_view, write_results
 
 X_LIMIT_UPRIGHT = 1.8  # |x| below this is far from the real 2.4 limit
+THETA_LIMIT = 12 * 2 * np.pi / 360  # CartPole-v1 ends an episode past this |theta| (radians), or past |x| = 2.4
 
 
 def parse_agents(items: list[str]) -> list[tuple[str, Path]]:
@@ -145,20 +146,21 @@ def real_episodes(model, checkpoint: str, probe, agent: dict, per_row: int, seed
     venv.seed(seed)
     rng = np.random.default_rng(seed)
     threshold = float(agent["termination_threshold"])
+    logit_threshold = np.log(threshold / (1.0 - threshold))  # sigmoid(logit) > threshold, without overflow
     obs = venv.reset()
     log = EpisodeLog(venv.num_envs, per_row)
     while not log.complete:
         obs, _, dones, infos = venv.step(act(model, obs, float(agent["action_noise"]), rng, deterministic))
         state = probe(np.stack([i["frame"] for i in infos]))
         logit = np.array([i["termination_logit"] for i in infos])
-        log.step(state, 1.0 / (1.0 + np.exp(-logit)) > threshold)
+        log.step(state, logit > logit_threshold)
         rows = np.flatnonzero(dones)
         if rows.size:
             extra = []
             for i in rows:
                 x, _, theta, _ = infos[i]["state"]
                 truncated = infos[i]["TimeLimit.truncated"]
-                cause = "horizon" if truncated else ("angle" if abs(theta) > 0.2095 else "position")
+                cause = "horizon" if truncated else ("angle" if abs(theta) > THETA_LIMIT else "position")
                 extra.append({"cause": cause, "true_theta_end": float(abs(theta)), "true_x_end": float(abs(x))})
             log.finish(rows, state[rows], ~np.array([infos[i]["TimeLimit.truncated"] for i in rows]), extra)
         progress(log)
