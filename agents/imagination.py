@@ -423,6 +423,22 @@ def real_evaluator(runtime, env_cfg: Any, settings: AgentSettings, max_steps: in
     return evaluate
 
 
+def dream_vec_env(checkpoint: str | Path, settings: AgentSettings, **overrides: Any):
+    """The dream an agent with ``settings`` trains in: a ``DreamSB3VecEnv`` of ``settings.n_envs`` worlds with its
+    observation, horizon, context, termination, sampler and time-scale settings. ``overrides`` replace any of
+    ``DreamSB3VecEnv``'s keyword arguments (``horizon=...``, ``termination_threshold=...``) for diagnostics."""
+    from sfv_world.envs.sb3 import DreamSB3VecEnv
+
+    kwargs = dict(
+        num_envs=settings.n_envs, obs_mode=settings.obs_mode, latent_features=settings.latent_features,
+        frame_stack=settings.frame_stack, horizon=settings.horizon, context_frames=settings.context_frames,
+        context_start=settings.context_start, context_window=settings.context_window, dataset=settings.dataset,
+        termination=settings.termination, termination_threshold=settings.termination_threshold,
+        sampler=settings.sampler or None, device=settings.device, time_scale=settings.time_scale,
+    )
+    return DreamSB3VecEnv(checkpoint, **{**kwargs, **overrides})
+
+
 def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Path, settings: AgentSettings,
                          progress: bool = False, callbacks: list[BaseCallback] | None = None) -> dict[str, Any]:
     """Train ``settings.algo`` inside the dream of ``checkpoint``; evaluate in the real env of ``env_cfg``.
@@ -432,21 +448,11 @@ def train_in_imagination(checkpoint: str | Path, env_cfg: Any, out_dir: str | Pa
     Resumes from ``out_dir/checkpoint.zip`` if a previous run was interrupted. Returns the result dict
     (also written to ``out_dir/result.json``).
     """
-    from sfv_world.envs.sb3 import DreamSB3VecEnv
-
     settings.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    venv = DreamSB3VecEnv(
-        checkpoint, num_envs=settings.n_envs, obs_mode=settings.obs_mode, latent_features=settings.latent_features,
-        frame_stack=settings.frame_stack,
-        horizon=settings.horizon, context_frames=settings.context_frames, context_start=settings.context_start,
-        context_window=settings.context_window, dataset=settings.dataset,
-        termination=settings.termination, termination_threshold=settings.termination_threshold,
-        sampler=settings.sampler or None,
-        device=settings.device, time_scale=settings.time_scale,
-    )
+    venv = dream_vec_env(checkpoint, settings)
     venv.seed(settings.seed)
     runtime = venv.runtime
     evaluate = real_evaluator(runtime, env_cfg, settings)  # checks the crop now, not at the first evaluation

@@ -96,15 +96,9 @@ def act(model, obs: np.ndarray, noise: float, rng: np.random.Generator, determin
 def dream_episodes(model, checkpoint: str, dataset: str, probe, agent: dict, per_row: int, seed: int,
                    deterministic: bool, progress) -> list[dict]:
     """Episodes in the dream with the preset's dream settings; the terminal frame is the one the head ended on."""
-    from sfv_world.envs.sb3 import DreamSB3VecEnv
+    from sfv_world.agents.imagination import AgentSettings, dream_vec_env
 
-    venv = DreamSB3VecEnv(checkpoint, num_envs=int(agent["n_envs"]), obs_mode="latent",
-                          latent_features=str(agent["latent_features"]), frame_stack=1, horizon=int(agent["horizon"]),
-                          context_frames=int(agent["context_frames"]), context_start=str(agent["context_start"]),
-                          context_window=agent["context_window"], dataset=dataset,
-                          termination=str(agent["termination"]),
-                          termination_threshold=float(agent["termination_threshold"]),
-                          time_scale=float(agent["time_scale"]))
+    venv = dream_vec_env(checkpoint, AgentSettings.from_config(agent, dataset=dataset), obs_mode="latent")
     venv.seed(seed)
     core, rng = venv.core, np.random.default_rng(seed)
     obs = venv.reset()
@@ -225,15 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     agents = parse_agents(args.agent)
     agent = preset_agent(args.preset, args.set)
 
-    from dream_physics import fit_probe
+    from dream_physics import cartpole_probe
     from sfv_world.checkpoint import load_checkpoint
-    from sfv_world.datasets import DatasetReader
 
     frame_size = int(load_checkpoint(args.checkpoint)["model_config"]["frame_size"])
-    reader = DatasetReader(args.dataset)
-    if reader.env_id != "CartPole-v1":
-        raise SystemExit(f"--dataset {args.dataset}: env_id is {reader.env_id!r}; the state probe needs CartPole-v1")
-    probe = fit_probe(reader, [int(e) for e in reader.episode_ids][: args.probe_episodes], frame_size)
+    probe = cartpole_probe(args.dataset, args.probe_episodes, frame_size)
     print(f"probe held-out R^2: x {probe.r2[0]:.3f}, theta {probe.r2[2]:.3f}", flush=True)
 
     rows = []

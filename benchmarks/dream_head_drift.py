@@ -37,13 +37,12 @@ BINS = ((0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12))
 def record(model, checkpoint: str, dataset: str, probe, agent: dict, steps: int, seed: int, progress) -> dict:
     """Arrays [steps, N]: dream_logit, twin_logit (float32), theta_deg, x (float64, the probe's), clamped (bool)."""
     from dream_endings import act
-    from sfv_world.envs.sb3 import DreamSB3VecEnv
+    from sfv_world.agents.imagination import AgentSettings, dream_vec_env
 
     n = int(agent["n_envs"])
-    venv = DreamSB3VecEnv(checkpoint, num_envs=n, obs_mode="latent", latent_features=str(agent["latent_features"]),
-                          frame_stack=1, horizon=steps + 1, context_frames=int(agent["context_frames"]),
-                          context_start=str(agent["context_start"]), context_window=agent["context_window"],
-                          dataset=dataset, termination_threshold=1.0 - 1e-12)  # the head never ends a world here
+    venv = dream_vec_env(checkpoint, AgentSettings.from_config(agent, dataset=dataset), obs_mode="latent",
+                         horizon=steps + 1, termination="threshold",
+                         termination_threshold=1.0 - 1e-12)  # the head never ends a world here
     core, rng = venv.core, np.random.default_rng(seed)
     core.seed(seed)  # the context draw and the dream's sampling (reset_rows below bypasses the VecEnv's seeding)
     frames, actions = core.pool.sample(core.rng, n)
@@ -144,15 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--steps and --probe-episodes must be >= 2")
     agent = preset_agent(args.preset, args.set)
 
-    from dream_physics import fit_probe
+    from dream_physics import cartpole_probe
     from sfv_world.checkpoint import load_checkpoint
-    from sfv_world.datasets import DatasetReader
 
-    reader = DatasetReader(args.dataset)
-    if reader.env_id != "CartPole-v1":
-        raise SystemExit(f"--dataset {args.dataset}: env_id is {reader.env_id!r}; the state probe needs CartPole-v1")
     frame_size = int(load_checkpoint(args.checkpoint)["model_config"]["frame_size"])
-    probe = fit_probe(reader, [int(e) for e in reader.episode_ids][: args.probe_episodes], frame_size)
+    probe = cartpole_probe(args.dataset, args.probe_episodes, frame_size)
     model = PPO.load(args.agent, device="cpu")
     torch.manual_seed(args.seed)  # the policy samples its actions with torch's global generator
     with tqdm(total=args.steps, desc="dream steps", unit="step") as bar:

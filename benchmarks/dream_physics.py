@@ -71,6 +71,18 @@ def fit_probe(reader, episode_ids: list[int], frame_size: int) -> StateProbe:
     return StateProbe(np.concatenate(frames), np.concatenate(states))
 
 
+def cartpole_probe(dataset: str, episodes: list[int] | int | None, frame_size: int) -> StateProbe:
+    """``fit_probe`` on a CartPole-v1 dataset folder: on the episode ids ``episodes``, on its first N episodes (an
+    int N) or on all of them (None). Exits naming ``--dataset`` if the dataset is not CartPole-v1's."""
+    from sfv_world.datasets import DatasetReader
+
+    with DatasetReader(dataset) as reader:
+        if reader.env_id != "CartPole-v1":
+            raise SystemExit(f"--dataset {dataset}: env_id is {reader.env_id!r}; the state probe needs CartPole-v1")
+        ids = episodes if isinstance(episodes, list) else [int(e) for e in reader.episode_ids][:episodes]
+        return fit_probe(reader, ids, frame_size)
+
+
 def policy_actions(policy: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if policy == "always_0":
         return np.zeros(n, np.int64)
@@ -150,8 +162,6 @@ def dream_run(checkpoint: str, dataset: str, probe: StateProbe, policy: str, num
 
 def main() -> None:
     import gymnasium as gym
-    from sfv_world.datasets import DatasetReader
-
     from sfv_world.checkpoint import load_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,11 +184,7 @@ def main() -> None:
     samplers = [(v.strip(), parse_sampler(v)) for v in args.samplers.split(";")]
 
     frame_size = int(load_checkpoint(args.checkpoint)["model_config"]["frame_size"])
-    reader = DatasetReader(args.dataset)
-    if reader.env_id != "CartPole-v1":
-        raise SystemExit(f"--dataset {args.dataset}: env_id is {reader.env_id!r}; the state probe needs CartPole-v1")
-    ids = [int(e) for e in reader.episode_ids][: args.probe_episodes]  # None: all
-    probe = fit_probe(reader, ids, frame_size)
+    probe = cartpole_probe(args.dataset, args.probe_episodes, frame_size)  # None: all episodes
     env = gym.make("CartPole-v1")
     print(f"probe held-out R^2: x {probe.r2[0]:.3f}, theta {probe.r2[2]:.3f}", flush=True)
 

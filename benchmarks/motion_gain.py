@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results
-from dream_physics import StateProbe, fit_probe, parse_sampler, true_states
+from dream_physics import StateProbe, cartpole_probe, parse_sampler, true_states
 
 
 def slope(pred: np.ndarray, real: np.ndarray, valid: np.ndarray) -> float:
@@ -40,16 +40,6 @@ def slope(pred: np.ndarray, real: np.ndarray, valid: np.ndarray) -> float:
     r = real[valid].reshape(int(valid.sum()), -1).astype(np.float64)
     den = float((r * r).sum())
     return float((p * r).sum() / den) if den > 0 else float("nan")
-
-
-def cartpole_probe(dataset: str, episode_ids: list[int], frame_size: int) -> StateProbe:
-    """``dream_physics.fit_probe`` on a CartPole-v1 dataset folder."""
-    from sfv_world.datasets import DatasetReader
-
-    with DatasetReader(dataset) as reader:
-        if reader.env_id != "CartPole-v1":
-            raise SystemExit(f"--dataset {dataset}: env_id is {reader.env_id!r}; the state probe needs CartPole-v1")
-        return fit_probe(reader, episode_ids, frame_size)
 
 
 def gains(runtime, dataset: str, ids: list[int], probe: StateProbe, context: int, horizon: int, starts: list[int],

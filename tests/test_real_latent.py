@@ -249,3 +249,19 @@ def test_dream_head_drift_runs_a_policy_in_an_unending_dream(cartpole_checkpoint
     assert once["rows"] == twice["rows"] and once["config"]["summary"] == twice["config"]["summary"]
     with pytest.raises(SystemExit, match="--agent .*absent.zip: not found"):
         bench.main([*args[:4], "--agent", str(tmp_path / "absent.zip")])
+
+
+def test_cartpole_probe_takes_episode_ids_or_a_count(cartpole_checkpoint):
+    """dream_physics.cartpole_probe (shared by dream_physics, motion_gain, dream_endings, dream_head_drift): an int
+    N fits on the dataset's first N episodes, the same as passing their ids."""
+    from sfv_world.datasets import DatasetReader
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from dream_physics import cartpole_probe
+
+    dataset = str(cartpole_checkpoint.parent / "cartpole")
+    with DatasetReader(dataset) as reader:
+        first_two = [int(e) for e in reader.episode_ids][:2]
+    by_count, by_ids = cartpole_probe(dataset, 2, 32), cartpole_probe(dataset, first_two, 32)
+    np.testing.assert_array_equal(by_count.weights, by_ids.weights)
+    assert not np.array_equal(cartpole_probe(dataset, None, 32).weights, by_ids.weights)  # None: all three
